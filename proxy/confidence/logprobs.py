@@ -1,0 +1,105 @@
+"""Confidence scores from the token logprobs of one answer.
+
+Both OpenAI wire shapes are read in place, without copying the token list:
+
+* chat: ``choice.logprobs.content = [{"token", "logprob", "top_logprobs": [{"token", "logprob"}]}]``
+* completions: ``choice.logprobs = {"tokens", "token_logprobs", "top_logprobs": [{tok: lp}]}``
+
+Every score is oriented so that higher means more confident.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+#: Score names the policy and calibration files may refer to.
+SCORES = ("mean_logprob", "min_logprob", "sequence_prob", "mean_entropy")
+
+
+def _chat_tokens(logprobs: Mapping[str, Any]) -> tuple[list[float], list[Iterable[float]]]:
+    content = logprobs.get("content") or []
+    lps: list[float] = []
+    tops: list[Iterable[float]] = []
+    for tok in content:
+        lp = tok.get("logprob")
+        if lp is None:
+            continue
+        lps.append(float(lp))
+        top = tok.get("top_logprobs")
+        if top:
+            tops.append([float(t["logprob"]) for t in top if t.get("logprob") is not None])
+    return lps, tops
+
+
+def _completion_tokens(logprobs: Mapping[str, Any]) -> tuple[list[float], list[Iterable[float]]]:
+    # The first token of an echoed prompt has logprob None; skip Nones rather than fail.
+    lps = [float(x) for x in (logprobs.get("token_logprobs") or []) if x is not None]
+    tops: list[Iterable[float]] = [
+        [float(v) for v in top.values() if v is not None]
+        for top in (logprobs.get("top_logprobs") or [])
+        if top
+    ]
+    return lps, tops
+
+
+def token_logprobs(
+    choice_logprobs: Mapping[str, Any] | None,
+) -> tuple[list[float], list[Iterable[float]]]:
+    """Return (token logprobs, top-k logprobs per token) from a choice's ``logprobs`` field."""
+    if not choice_logprobs:
+        return [], []
+    if "content" in choice_logprobs:
+        return _chat_tokens(choice_logprobs)
+    return _completion_tokens(choice_logprobs)
+
+
+def _entropy(top: Iterable[float]) -> float | None:
+    """Entropy (nats) of the top-k alternatives, renormalised to sum to one.
+
+    Top-k truncates the tail, so this underestimates the true entropy; it still ranks
+    answers well, and the calibration absorbs the bias.
+    """
+    values = list(top)
+    if not values:
+        return None
+    peak = max(values)
+    weights = [math.exp(v - peak) for v in values]
+    total = sum(weights)
+    return -sum((w / total) * math.log(w / total) for w in weights if w > 0)
+
+
+def scores_from_tokens(lps: list[float], tops: Iterable[Iterable[float]] = ()) -> dict[str, float]:
+    """All logprob scores of one answer; empty when the answer has no scored tokens."""
+    if not lps:
+        return {}
+    total = sum(lps)
+    scores = {
+        "mean_logprob": total / len(lps),
+        "min_logprob": min(lps),
+        "sequence_prob": math.exp(total),
+    }
+    entropies = [e for e in (_entropy(t) for t in tops) if e is not None]
+    if entropies:
+        # Negated so that, like every other score, higher means more confident.
+        scores["mean_entropy"] = -sum(entropies) / len(entropies)
+    return scores
+
+
+def scores_from_choice(choice_logprobs: Mapping[str, Any] | None) -> dict[str, float]:
+    """All logprob scores of a choice's ``logprobs`` field (either wire shape)."""
+    lps, tops = token_logprobs(choice_logprobs)
+    return scores_from_tokens(lps, tops)
+
+
+def as_probability(score_name: str, value: float) -> float:
+    """Map a raw score into [0, 1] when no calibration is loaded.
+
+    This is *not* a calibrated probability (responses say ``calibrated: false``); it only
+    puts every score on the scale a threshold lives on: exp of a logprob is a token
+    probability, exp of minus the entropy is the effective inverse branching factor.
+    """
+    if score_name in ("mean_logprob", "min_logprob", "mean_entropy"):
+        return min(1.0, max(0.0, math.exp(value)))
+    return min(1.0, max(0.0, value))

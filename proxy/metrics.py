@@ -1,0 +1,155 @@
+"""Every Prometheus metric the proxy exports, defined in one place.
+
+Labels are bounded: tenant names and model names come from the policy file, never from
+API keys or request text, so a client cannot blow up cardinality or leak a secret.
+
+Ops guide (PromQL):
+
+* estimated hallucination rate among delivered answers::
+
+    sum by (tenant, model) (rate(abstain_expected_errors_total[5m]))
+      / sum by (tenant, model) (rate(abstain_choices_total{decision=~"answer|hedge|annotate"}[5m]))
+
+* abstention rate::
+
+    sum by (tenant, model) (rate(abstain_choices_total{decision="abstain"}[5m]))
+      / sum by (tenant, model) (rate(abstain_choices_total{decision!="unjudged"}[5m]))
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+#: 1 ms to 120 s: proxy overhead lives at the bottom, slow generations at the top.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+CONFIDENCE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+#: Feedback is counted per confidence bin so a dashboard can draw a live reliability diagram.
+FEEDBACK_BINS = tuple(f"{0.1 * i:.1f}" for i in range(10))
+SAMPLE_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 32)
+
+
+class Metrics:
+    """The proxy's metrics, registered on an injected registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "abstain_requests",
+            "Requests by tenant, model, route, decision of the first choice, and HTTP status.",
+            ["tenant", "model", "route", "decision", "status"],
+            registry=r,
+        )
+        self.choices = Counter(
+            "abstain_choices",
+            "Judged answers (choices) by decision: answer, abstain, hedge, annotate, unjudged.",
+            ["tenant", "model", "decision", "calibrated"],
+            registry=r,
+        )
+        self.confidence = Histogram(
+            "abstain_confidence",
+            "P(correct) of each judged answer (the raw score when calibrated=false).",
+            ["tenant", "model", "calibrated"],
+            buckets=CONFIDENCE_BUCKETS,
+            registry=r,
+        )
+        self.expected_errors = Counter(
+            "abstain_expected_errors",
+            "Sum of 1 - P(correct) over delivered answers: expected hallucinations.",
+            ["tenant", "model"],
+            registry=r,
+        )
+        self.expected_errors_avoided = Counter(
+            "abstain_expected_errors_avoided",
+            "Sum of 1 - P(correct) over withheld answers: hallucinations avoided by abstaining.",
+            ["tenant", "model"],
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "abstain_upstream_latency_seconds",
+            "Time spent waiting on the upstream model.",
+            ["upstream", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "abstain_overhead_seconds",
+            "Time the proxy itself adds: total request time minus upstream time.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "abstain_time_to_first_byte_seconds",
+            "Time from request to the first body byte sent to the client (streaming).",
+            ["route", "mode"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "abstain_upstream_errors",
+            "Upstream failures by kind: connect, timeout, status_4xx/5xx, malformed.",
+            ["upstream", "kind"],
+            registry=r,
+        )
+        self.policy_reloads = Counter(
+            "abstain_policy_reloads",
+            "Policy reload attempts by result (success, failure).",
+            ["result"],
+            registry=r,
+        )
+        self.policy_loaded = Gauge(
+            "abstain_policy_last_reload_success",
+            "1 when the last policy (re)load succeeded, 0 when it was rejected.",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.feedback = Counter(
+            "abstain_feedback",
+            "Observed outcomes from /v1/feedback by predicted-confidence bin.",
+            ["tenant", "model", "bin", "correct"],
+            registry=r,
+        )
+        self.decision_log_errors = Counter(
+            "abstain_decision_log_errors",
+            "Decision-log or feedback records that could not be written.",
+            registry=r,
+        )
+        self.samples_used = Histogram(
+            "abstain_samples_used",
+            "Extra samples drawn per judged request (consistency and hybrid methods).",
+            ["tenant", "model"],
+            buckets=SAMPLE_BUCKETS,
+            registry=r,
+        )
+        self.sampling_requests = Counter(
+            "abstain_sampling_upstream_requests",
+            "Extra upstream requests made to draw samples.",
+            ["tenant", "model"],
+            registry=r,
+        )
+        self.sampling_tokens = Counter(
+            "abstain_sampling_tokens",
+            "Completion tokens spent on extra samples.",
+            ["tenant", "model"],
+            registry=r,
+        )
+        self.early_stops = Counter(
+            "abstain_sampling_early_stops",
+            "Requests whose sampling stopped early because the decision was settled.",
+            ["tenant", "model"],
+            registry=r,
+        )
+        self.sampling_fallbacks = Counter(
+            "abstain_sampling_fallbacks",
+            "Requests where too few samples came back and the fallback decided.",
+            ["tenant", "model", "fallback"],
+            registry=r,
+        )
+
+    def feedback_bin(self, p: float) -> str:
+        """The label of the 0.1-wide confidence bin ``p`` falls in."""
+        return FEEDBACK_BINS[min(9, max(0, int(p * 10)))]

@@ -1,0 +1,158 @@
+"""The request pipeline: upstream call → scores → calibration → decision → action.
+
+Routes hand over a validated :class:`Call`; the pipeline returns the (rewritten)
+response and one :class:`~proxy.judge.Verdict` per choice. It knows the OpenAI wire
+format only through :mod:`proxy.protocol` and upstreams only through their protocol.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.confidence.logprobs import scores_from_choice
+from proxy.errors import UpstreamError
+from proxy.judge import Verdict, judge, unjudged
+from proxy.metrics import Metrics
+from proxy.policy import Route, Rule
+from proxy.protocol import (
+    Kind,
+    choice_text,
+    choices_of,
+    client_wants_logprobs,
+    is_tool_call,
+    set_choice_text,
+    upstream_body,
+    wants_json,
+)
+from proxy.upstream.base import Upstream, UpstreamPool
+
+
+@dataclass(slots=True)
+class Call:
+    """One validated client request, with who sent it and the rule that applies."""
+
+    kind: Kind
+    body: dict[str, Any]
+    tenant: str
+    route: Route
+    rule: Rule
+    started: float = field(default_factory=time.perf_counter)
+    upstream_seconds: float = 0.0
+
+    @property
+    def client_logprobs(self) -> bool:
+        return client_wants_logprobs(self.kind, self.body)
+
+    @property
+    def uses_logprobs(self) -> bool:
+        return self.rule.method in ("logprobs", "hybrid")
+
+
+def apply_verdict(kind: Kind, choice: dict[str, Any], verdict: Verdict, rule: Rule) -> None:
+    """Rewrite one choice according to its verdict (in place)."""
+    if verdict.decision == "abstain":
+        set_choice_text(kind, choice, rule.abstention_message)
+    elif verdict.decision == "hedge":
+        set_choice_text(kind, choice, rule.hedge_prefix + (choice_text(kind, choice) or ""))
+
+
+def skip_reason(call: Call, *, tool_call: bool) -> str | None:
+    """Why a choice is passed through unjudged, or None when it is judged."""
+    rule = call.rule
+    if rule.method == "none":
+        return "the policy's method is none"
+    if tool_call and not rule.judge_tool_calls:
+        return "tool calls are not judged by this policy"
+    if wants_json(call.body) and not rule.judge_json:
+        return "JSON-mode answers are not judged by this policy"
+    return None
+
+
+class Pipeline:
+    """Runs calls against upstreams and judges their answers."""
+
+    def __init__(self, upstreams: UpstreamPool, metrics: Metrics) -> None:
+        self.upstreams = upstreams
+        self.metrics = metrics
+
+    def upstream_request(self, call: Call) -> tuple[Upstream, dict[str, Any]]:
+        upstream = self.upstreams.get(call.route.upstream)
+        top = call.rule.top_logprobs if call.uses_logprobs else None
+        return upstream, upstream_body(call.kind, call.body, call.route.upstream_model, top)
+
+    def upstream_failed(self, upstream: Upstream, exc: UpstreamError) -> None:
+        self.metrics.upstream_errors.labels(upstream.name, exc.kind).inc()
+
+    def observe_upstream(self, call: Call, upstream: Upstream, seconds: float) -> None:
+        call.upstream_seconds += seconds
+        self.metrics.upstream_latency.labels(upstream.name, call.route.model).observe(seconds)
+
+    async def complete(self, call: Call) -> tuple[dict[str, Any], list[Verdict]]:
+        """A non-streaming completion, judged and rewritten."""
+        upstream, body = self.upstream_request(call)
+        body.pop("stream", None)
+        body.pop("stream_options", None)
+        t0 = time.perf_counter()
+        try:
+            response = await upstream.complete(call.kind, body)
+        except UpstreamError as exc:
+            self.upstream_failed(upstream, exc)
+            raise
+        finally:
+            self.observe_upstream(call, upstream, time.perf_counter() - t0)
+        try:
+            verdicts = self.judge_response(call, response)
+        except UpstreamError as exc:
+            self.upstream_failed(upstream, exc)
+            raise
+        return response, verdicts
+
+    def judge_choice(self, call: Call, choice: dict[str, Any]) -> Verdict:
+        reason = skip_reason(call, tool_call=is_tool_call(call.kind, choice))
+        if reason is not None:
+            return unjudged(call.rule, reason)
+        return judge(scores_from_choice(choice.get("logprobs")), call.rule)
+
+    def judge_response(self, call: Call, response: dict[str, Any]) -> list[Verdict]:
+        """Judge every choice, apply each verdict, attach them, and count them."""
+        keep_logprobs = call.client_logprobs
+        verdicts = []
+        for choice in choices_of(response):
+            verdict = self.judge_choice(call, choice)
+            apply_verdict(call.kind, choice, verdict, call.rule)
+            if not keep_logprobs and "logprobs" in choice:
+                choice["logprobs"] = None
+            choice["abstention"] = verdict.to_dict()
+            verdicts.append(verdict)
+        if verdicts:
+            response["abstention"] = verdicts[0].to_dict()
+        self.observe_verdicts(call, verdicts)
+        return verdicts
+
+    def observe_verdicts(self, call: Call, verdicts: Iterable[Verdict]) -> None:
+        m, tenant, model = self.metrics, call.tenant, call.route.model
+        for v in verdicts:
+            calibrated = "true" if v.calibrated else "false"
+            m.choices.labels(tenant, model, v.decision, calibrated).inc()
+            if v.confidence is None:
+                continue
+            m.confidence.labels(tenant, model, calibrated).observe(v.confidence)
+            miss = 1.0 - v.confidence
+            if v.delivered:
+                m.expected_errors.labels(tenant, model).inc(miss)
+            else:
+                m.expected_errors_avoided.labels(tenant, model).inc(miss)
+
+
+def verdict_headers(verdicts: list[Verdict]) -> dict[str, str]:
+    """The verdict of the first choice, as response headers."""
+    if not verdicts:
+        return {}
+    v = verdicts[0]
+    headers: dict[str, str] = {"x-abstention-decision": v.decision}
+    if v.confidence is not None:
+        headers["x-abstention-confidence"] = f"{v.confidence:.4f}"
+    return headers

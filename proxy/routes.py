@@ -1,0 +1,171 @@
+"""The HTTP surface: thin handlers that admit a request and hand it to the pipeline.
+
+Admission (size limit, JSON, schema, tenant, route) happens here because it is about
+HTTP; everything about confidence and decisions happens in the pipeline.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from fastapi import APIRouter
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from proxy import streaming
+from proxy.errors import ModelNotFound, PayloadTooLarge, ProxyError, Unauthorized
+from proxy.judge import Verdict
+from proxy.metrics import Metrics
+from proxy.pipeline import Call, Pipeline, verdict_headers
+from proxy.policy_loader import PolicyStore
+from proxy.protocol import Kind, parse_json_body, validate_request
+
+router = APIRouter()
+
+_JSON = "application/json"
+
+
+@dataclass(slots=True)
+class _Labels:
+    """Metric labels known so far; 'unknown' until the policy has vouched for a value."""
+
+    route: str
+    tenant: str = "unknown"
+    model: str = "unknown"
+
+
+def _api_key(request: Request) -> str | None:
+    auth = request.headers.get("authorization")
+    if auth and auth[:7].lower() == "bearer ":
+        return auth[7:].strip() or None
+    return request.headers.get("api-key")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+    parts: list[bytes] = []
+    size = 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+        parts.append(part)
+    return b"".join(parts)
+
+
+def _tenant(store: PolicyStore, request: Request) -> str:
+    tenant = store.current.tenant_for(_api_key(request))
+    if tenant is None:
+        raise Unauthorized("Invalid or missing API key.")
+    return tenant
+
+
+def _record(
+    metrics: Metrics,
+    labels: _Labels,
+    verdicts: list[Verdict],
+    status: int,
+    started: float,
+    upstream_seconds: float,
+) -> None:
+    decision = verdicts[0].decision if verdicts else "none"
+    metrics.requests.labels(labels.tenant, labels.model, labels.route, decision, str(status)).inc()
+    metrics.overhead.labels(labels.route).observe(
+        max(0.0, time.perf_counter() - started - upstream_seconds)
+    )
+
+
+async def _completion(request: Request, kind: Kind) -> Response:
+    started = time.perf_counter()
+    state = request.app.state
+    store: PolicyStore = state.store
+    metrics: Metrics = state.metrics
+    pipeline: Pipeline = state.pipeline
+    labels = _Labels(route=kind)
+    call: Call | None = None
+    try:
+        body = parse_json_body(await _read_body(request, state.settings.max_body_bytes))
+        tenant = _tenant(store, request)
+        labels.tenant = tenant
+        validate_request(kind, body)
+        policy = store.current
+        route = policy.route(body["model"])
+        if route is None:
+            raise ModelNotFound(f"The model {body['model']!r} does not exist.", param="model")
+        labels.model = route.model
+        call = Call(kind, body, tenant, route, policy.rule(tenant, route.model), started)
+        if body.get("stream"):
+            return await _stream(pipeline, metrics, call, labels)
+        response, verdicts = await pipeline.complete(call)
+    except ProxyError as exc:
+        _record(metrics, labels, [], exc.status, started, call.upstream_seconds if call else 0.0)
+        raise
+    _record(metrics, labels, verdicts, 200, started, call.upstream_seconds)
+    return Response(orjson.dumps(response), media_type=_JSON, headers=verdict_headers(verdicts))
+
+
+async def _stream(pipeline: Pipeline, metrics: Metrics, call: Call, labels: _Labels) -> Response:
+    mode = call.rule.streaming
+
+    def on_finish(verdicts: list[Verdict], status: int, ttfb: float | None) -> None:
+        _record(metrics, labels, verdicts, status, call.started, call.upstream_seconds)
+        if ttfb is not None:
+            metrics.ttfb.labels(labels.route, mode).observe(ttfb)
+
+    if mode == "passthrough":
+        stream = await streaming.passthrough(pipeline, call, on_finish)
+    else:
+        stream = await streaming.buffered(pipeline, call, on_finish)
+    headers = {"cache-control": "no-cache", "x-accel-buffering": "no", **stream.headers}
+    return StreamingResponse(stream.body, media_type="text/event-stream", headers=headers)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _completion(request, "chat")
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    return await _completion(request, "completions")
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> Response:
+    store: PolicyStore = request.app.state.store
+    _tenant(store, request)
+    data: list[dict[str, Any]] = [
+        {"id": name, "object": "model", "created": 0, "owned_by": "abstain-proxy"}
+        for name in store.current.model_names
+    ]
+    return Response(orjson.dumps({"object": "list", "data": data}), media_type=_JSON)
+
+
+@router.get("/healthz")
+async def healthz() -> Response:
+    return Response(b'{"status":"ok"}', media_type=_JSON)
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> Response:
+    state = request.app.state
+    upstreams = getattr(state, "upstreams", None)
+    ready = state.store.current is not None and upstreams is not None and len(upstreams) > 0
+    body = {"status": "ready" if ready else "not ready", "policy": str(state.store.path)}
+    if state.store.last_error:
+        body["last_reload_error"] = "the last policy reload was rejected; see the server log"
+    return Response(orjson.dumps(body), media_type=_JSON, status_code=200 if ready else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(
+        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )

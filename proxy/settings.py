@@ -1,0 +1,38 @@
+"""Process settings, read from ``ABSTAIN_*`` environment variables (or passed in).
+
+This is the only module that reads the process environment; everything else receives
+a :class:`Settings` and, for upstream keys, the mapping :func:`environment` returns.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """How this process runs; what it decides lives in the policy file."""
+
+    model_config = SettingsConfigDict(env_prefix="ABSTAIN_", extra="forbid", frozen=True)
+
+    policy: Path = Path("policies/default.yaml")
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    #: requests larger than this are refused with 413 before any parsing
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    #: how often the policy file is checked for changes; 0 turns polling off (SIGHUP still works)
+    reload_interval_seconds: float = Field(1.0, ge=0)
+    #: connections kept to all OpenAI-compatible upstreams together
+    max_upstream_connections: int = Field(512, ge=1)
+    #: install the SIGHUP handler (only possible in the main thread)
+    handle_signals: bool = True
+    log_level: str = "info"
+
+
+def environment() -> Mapping[str, str]:
+    """The process environment, where upstream API keys are read from."""
+    return dict(os.environ)

@@ -1,0 +1,82 @@
+"""The Upstream protocol and the factory that builds upstreams from a policy."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Protocol
+
+import httpx
+
+from proxy.errors import UpstreamError
+from proxy.policy import UpstreamConfig
+from proxy.protocol import Kind
+
+
+class Upstream(Protocol):
+    """A source of OpenAI-shaped completions."""
+
+    name: str
+    #: whether the upstream honours ``n`` (else the proxy sends concurrent requests)
+    supports_n: bool
+
+    async def complete(self, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
+        """One non-streaming completion, as an OpenAI-shaped dict."""
+        ...
+
+    def stream(self, kind: Kind, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Streamed completion chunks, as OpenAI-shaped dicts (``[DONE]`` not included)."""
+        ...
+
+
+def api_key_from_env(config: UpstreamConfig, env: Mapping[str, str]) -> str | None:
+    """The upstream's key, read from the environment variable the policy names."""
+    if not config.api_key_env:
+        return None
+    key = env.get(config.api_key_env)
+    if not key:
+        # Say which variable, never the value: the message may reach a log.
+        raise UpstreamError(
+            f"The upstream's API key is not configured (set {config.api_key_env}).",
+            kind="config",
+        )
+    return key
+
+
+def build_upstreams(
+    configs: Mapping[str, UpstreamConfig],
+    client: httpx.AsyncClient,
+    env: Mapping[str, str],
+) -> dict[str, Upstream]:
+    """One Upstream per configured name; litellm is imported only if one needs it."""
+    from proxy.upstream.openai_http import OpenAIHTTPUpstream
+
+    upstreams: dict[str, Upstream] = {}
+    for name, config in configs.items():
+        if config.base_url is not None:
+            upstreams[name] = OpenAIHTTPUpstream(name, config, client, env)
+        else:
+            from proxy.upstream.litellm_upstream import LiteLLMUpstream
+
+            upstreams[name] = LiteLLMUpstream(name, config, env)
+    return upstreams
+
+
+class UpstreamPool:
+    """The upstreams of the policy in force; rebuilt when a new policy is loaded."""
+
+    def __init__(self, client: httpx.AsyncClient, env: Mapping[str, str]) -> None:
+        self.client = client
+        self._env = env
+        self._upstreams: dict[str, Upstream] = {}
+
+    def rebuild(self, configs: Mapping[str, UpstreamConfig]) -> None:
+        self._upstreams = build_upstreams(configs, self.client, self._env)
+
+    def get(self, name: str) -> Upstream:
+        try:
+            return self._upstreams[name]
+        except KeyError:
+            raise UpstreamError("The model's upstream is not configured.", kind="config") from None
+
+    def __len__(self) -> int:
+        return len(self._upstreams)

@@ -1,0 +1,153 @@
+"""An OpenAI-compatible upstream over the process's shared ``httpx.AsyncClient``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import httpx
+import orjson
+
+from proxy.errors import BadRequest, ProxyError, UpstreamError, UpstreamTimeout
+from proxy.policy import UpstreamConfig
+from proxy.protocol import Kind
+from proxy.upstream.base import api_key_from_env
+
+_PATHS: dict[Kind, str] = {"chat": "/chat/completions", "completions": "/completions"}
+#: Upstream statuses whose meaning is the client's to act on, passed through as is.
+_CLIENT_STATUSES = {400: BadRequest, 422: BadRequest}
+
+
+class _RateLimited(ProxyError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+def _timeout_or_connect(exc: httpx.TransportError) -> UpstreamError:
+    """Classify a transport failure.
+
+    The aiohttp transport reports a refused connection as ``ConnectTimeout``; look at
+    the cause so that a dead upstream is a 502 and only a slow one is a 504.
+    """
+    cause = exc.__cause__
+    is_timeout = isinstance(exc, httpx.TimeoutException) and (
+        cause is None or isinstance(cause, TimeoutError) or "Timeout" in type(cause).__name__
+    )
+    if is_timeout:
+        return UpstreamTimeout()
+    return UpstreamError("The upstream model could not be reached.", kind="connect")
+
+
+def _status_error(status: int, raw: bytes) -> ProxyError:
+    message = ""
+    try:
+        data = orjson.loads(raw)
+        err = data.get("error") if isinstance(data, dict) else None
+        message = str(err.get("message", "")) if isinstance(err, dict) else str(err or "")
+    except orjson.JSONDecodeError:
+        pass
+    message = message[:500]
+    if status in _CLIENT_STATUSES:
+        return _CLIENT_STATUSES[status](f"The upstream model rejected the request: {message}")
+    if status == 429:
+        return _RateLimited(f"The upstream model is rate limited: {message}")
+    return UpstreamError(
+        f"The upstream model failed (status {status}).",
+        kind=f"status_{status}",
+        upstream_status=status,
+    )
+
+
+class OpenAIHTTPUpstream:
+    """Speaks the OpenAI wire format to ``base_url``."""
+
+    def __init__(
+        self, name: str, config: UpstreamConfig, client: httpx.AsyncClient, env: Mapping[str, str]
+    ) -> None:
+        assert config.base_url is not None
+        self.name = name
+        self.supports_n = config.supports_n
+        self._base = config.base_url.rstrip("/")
+        self._client = client
+        self._total = config.timeouts.total
+        self._timeout = httpx.Timeout(
+            connect=config.timeouts.connect,
+            read=config.timeouts.read,
+            write=config.timeouts.read,
+            pool=config.timeouts.connect,
+        )
+        self._headers = {"content-type": "application/json"}
+        key = api_key_from_env(config, env) if config.api_key_env else None
+        if key:
+            self._headers["authorization"] = f"Bearer {key}"
+
+    def _request(self, kind: Kind, body: dict[str, Any]) -> httpx.Request:
+        return self._client.build_request(
+            "POST",
+            self._base + _PATHS[kind],
+            content=orjson.dumps(body),
+            headers=self._headers,
+            timeout=self._timeout,
+        )
+
+    async def complete(self, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            async with asyncio.timeout(self._total):
+                response = await self._client.send(self._request(kind, body))
+                raw = await response.aread()
+        except TimeoutError:
+            raise UpstreamTimeout() from None
+        except httpx.TransportError as exc:
+            raise _timeout_or_connect(exc) from None
+        if response.status_code >= 400:
+            raise _status_error(response.status_code, raw)
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise UpstreamError("The upstream answer is not JSON.", kind="malformed") from None
+        if not isinstance(data, dict):
+            raise UpstreamError("The upstream answer is not a JSON object.", kind="malformed")
+        return data
+
+    async def stream(self, kind: Kind, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        # A deadline, not asyncio.timeout(): the first chunk is awaited in the request
+        # handler and the rest in the response task, and a timeout scope must not span both.
+        deadline = time.monotonic() + self._total
+        body = {**body, "stream": True}
+        try:
+            response = await self._client.send(self._request(kind, body), stream=True)
+        except httpx.TransportError as exc:
+            raise _timeout_or_connect(exc) from None
+        try:
+            if response.status_code >= 400:
+                raise _status_error(response.status_code, await response.aread())
+            async for line in response.aiter_lines():
+                if time.monotonic() > deadline:
+                    raise UpstreamTimeout()
+                if not line.startswith("data:"):
+                    continue  # comments, event names, blank separators
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    return
+                yield _chunk(payload)
+        except httpx.TransportError as exc:
+            raise _timeout_or_connect(exc) from None
+        finally:
+            await response.aclose()
+
+
+def _chunk(payload: str) -> dict[str, Any]:
+    try:
+        chunk = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise UpstreamError(
+            "The upstream stream carried a malformed chunk.", kind="malformed"
+        ) from None
+    if not isinstance(chunk, dict):
+        raise UpstreamError("The upstream stream carried a malformed chunk.", kind="malformed")
+    if "error" in chunk and "choices" not in chunk:
+        raise UpstreamError("The upstream model failed mid-stream.", kind="stream_error")
+    return chunk
