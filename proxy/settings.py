@@ -36,3 +36,12 @@ class Settings(BaseSettings):
 def environment() -> Mapping[str, str]:
     """The process environment, where upstream API keys are read from."""
     return dict(os.environ)
+
+
+def quiet_litellm() -> None:
+    """Keep litellm from fetching its model-cost map over the network at import.
+
+    litellm reads this switch from the environment only; without it, every start in a
+    closed network waits on retries before falling back to the bundled copy.
+    """
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")

@@ -1,0 +1,173 @@
+"""The ``abstain`` command.
+
+::
+
+    abstain serve --policy FILE [--host H] [--port P]   run the proxy
+    abstain up [--policy FILE]                          local model + proxy, one command
+    abstain local-model [--port P]                      only the local model server
+    abstain check-policy FILE                           validate a policy file
+    abstain calibrate ... / abstain eval ...            see proxy.evaluation.commands
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from proxy.policy_loader import PolicyError, load_policy
+
+DEFAULT_POLICY = Path("policies/default.yaml")
+
+
+def _uvicorn_config(app: Any, host: str, port: int, log_level: str) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        # The fast event loop and parser when installed; plain asyncio/h11 otherwise.
+        loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        timeout_graceful_shutdown=30,
+    )
+
+
+def _build_app(policy: Path, host: str, port: int) -> Any:
+    from proxy.app import create_app
+    from proxy.settings import Settings
+
+    try:
+        return create_app(Settings(policy=policy, host=host, port=port))
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    app = _build_app(args.policy, args.host, args.port)
+    server = uvicorn.Server(_uvicorn_config(app, args.host, args.port, args.log_level))
+    server.run()
+    return 0
+
+
+def cmd_check_policy(args: argparse.Namespace) -> int:
+    try:
+        policy = load_policy(args.file)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    tenants = len(policy.spec.tenants)
+    print(f"{args.file}: OK ({len(policy.model_names)} models, {tenants} tenants)")
+    return 0
+
+
+def _banner(host: str, port: int, model: str) -> str:
+    base = f"http://{host}:{port}/v1"
+    return f"""
+abstain-proxy is ready at {base}
+
+  from openai import OpenAI
+  client = OpenAI(base_url="{base}", api_key="unused")
+  r = client.completions.create(model="{model}", max_tokens=16, stop=["\\n"],
+      prompt="Q: What is the capital of Italy?\\nA: Rome\\nQ: What is the capital of France?\\nA:")
+  print(r.choices[0].text, r.model_extra["abstention"])
+
+  curl {base}/completions -H 'content-type: application/json' \\
+    -d '{{"model": "{model}", "max_tokens": 8, "stop": ["\\n"],
+         "prompt": "Q: What is the capital of France?\\nA:"}}'
+
+Metrics: http://{host}:{port}/metrics    Press Ctrl-C to stop.
+"""
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from proxy import local_model
+
+    print(f"starting the local model ({local_model.MODEL_ALIAS}) on port {args.model_port} ...")
+    proc = local_model.start(args.model_port)
+    try:
+        local_model.wait_ready(f"http://127.0.0.1:{args.model_port}/v1", proc)
+        app = _build_app(args.policy, args.host, args.port)
+        server = uvicorn.Server(_uvicorn_config(app, args.host, args.port, args.log_level))
+
+        async def run() -> None:
+            task = asyncio.create_task(server.serve())
+            while not server.started and not task.done():
+                await asyncio.sleep(0.05)
+            if server.started:
+                print(_banner(args.host, args.port, local_model.MODEL_ALIAS), flush=True)
+            await task
+
+        asyncio.run(run())
+    except local_model.LocalModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        local_model.stop(proc)
+        print("stopped.")
+    return 0
+
+
+def cmd_local_model(args: argparse.Namespace) -> int:
+    from proxy import local_model
+
+    os.execv(sys.executable, local_model.server_command(args.port, args.host))
+    return 0  # pragma: no cover - execv does not return
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="abstain", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    serve.add_argument("--policy", type=Path, default=DEFAULT_POLICY)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=cmd_serve)
+
+    up = sub.add_parser("up", help="start the local reference model and the proxy in front of it")
+    up.add_argument("--policy", type=Path, default=DEFAULT_POLICY)
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8080)
+    up.add_argument("--model-port", type=int, default=8081, help="must match the policy's base_url")
+    up.add_argument("--log-level", default="warning")
+    up.set_defaults(func=cmd_up)
+
+    local = sub.add_parser("local-model", help="run only the local reference model server")
+    local.add_argument("--host", default="127.0.0.1")
+    local.add_argument("--port", type=int, default=8081)
+    local.set_defaults(func=cmd_local_model)
+
+    check = sub.add_parser("check-policy", help="validate a policy file")
+    check.add_argument("file", type=Path)
+    check.set_defaults(func=cmd_check_policy)
+
+    if importlib.util.find_spec("proxy.evaluation.commands"):
+        from proxy.evaluation.commands import add_commands
+
+        add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
