@@ -206,6 +206,9 @@ async def _relay(
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
+    pipeline.metrics.upstream_latency.labels(upstream.name, call.route.model).observe(
+        call.upstream_seconds
+    )
     verdicts = _stream_verdicts(call, collector)
     pipeline.observe_verdicts(call, verdicts)
     final = {

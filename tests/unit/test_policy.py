@@ -1,0 +1,114 @@
+"""Policy validation, rule layering, tenant lookup and the decision rule."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from proxy.policy import decide, penalty
+from proxy.policy_loader import PolicyError, load_policy, parse_policy
+
+BASE = """
+upstreams:
+  up: {base_url: "http://127.0.0.1:9/v1"}
+models:
+  m: {upstream: up, threshold: 0.6}
+  other: {upstream: up, upstream_model: real-name}
+defaults: {threshold: 0.5, action: abstain}
+tenants:
+  t:
+    api_key_sha256: ["KEYHASH"]
+    action: hedge
+""".replace("KEYHASH", hashlib.sha256(b"key-t").hexdigest())
+
+
+def test_rules_layer_defaults_then_model_then_tenant() -> None:
+    policy = parse_policy(BASE)
+    assert policy.rule(None, "other").threshold == 0.5
+    assert policy.rule(None, "m").threshold == 0.6
+    rule = policy.rule("t", "m")
+    assert (rule.threshold, rule.action, rule.tenant) == (0.6, "hedge", "t")
+    assert policy.route("other").upstream_model == "real-name"
+    assert policy.route("nope") is None
+
+
+def test_tenant_lookup_by_hash_and_unknown_keys() -> None:
+    policy = parse_policy(BASE)
+    assert policy.tenant_for("key-t") == "t"
+    assert policy.tenant_for("key-x") is None
+    assert policy.tenant_for(None) is None
+    default = parse_policy(BASE + "auth: {unknown_keys: default, default_tenant: t}\n")
+    assert default.tenant_for("anything") == "t"
+    assert default.tenant_for(None) == "t"
+
+
+def test_every_problem_is_reported_with_its_key_path() -> None:
+    text = BASE.replace("threshold: 0.6", "threshold: 1.5").replace(
+        "action: hedge", "action: shrug\n    colour: blue"
+    )
+    with pytest.raises(PolicyError) as err:
+        parse_policy(text, "p.yaml")
+    problems = "\n".join(err.value.problems)
+    assert "models.m.threshold" in problems
+    assert "tenants.t.action" in problems
+    assert "tenants.t.colour" in problems
+    assert str(err.value).startswith("p.yaml: ")
+
+
+@pytest.mark.parametrize(
+    ("patch", "where"),
+    [
+        (("upstream: up, threshold", "upstream: nowhere, threshold"), "no upstream named 'nowhere'"),
+        (('base_url: "http://127.0.0.1:9/v1"', 'base_url: "ftp://x"'), "base_url"),
+        (('base_url: "http://127.0.0.1:9/v1"', 'base_url: "http://x", litellm_model: "a/b"'),
+         "exactly one"),
+        (("defaults: {threshold: 0.5", "defaults: {score: vibes, threshold: 0.5"), "score"),
+        (('["', '["not-a-hash", "'), "api_key_sha256"),
+    ],
+)  # fmt: skip
+def test_invalid_policies(patch: tuple[str, str], where: str) -> None:
+    with pytest.raises(PolicyError, match=where):
+        parse_policy(BASE.replace(*patch))
+
+
+def test_default_tenant_must_exist() -> None:
+    with pytest.raises(PolicyError, match="auth"):
+        parse_policy(BASE + "auth: {unknown_keys: default, default_tenant: ghost}\n")
+
+
+def test_yaml_errors_have_a_line_number() -> None:
+    with pytest.raises(PolicyError, match=r"line \d+, column \d+: not valid YAML"):
+        parse_policy("upstreams:\n  - [unclosed\n")
+
+
+def test_calibration_path_is_relative_to_the_policy_file(tmp_path: Path) -> None:
+    (tmp_path / "cal").mkdir()
+    cal = {"format": "abstain-calibration/1", "score": "mean_logprob",
+           "calibrator": {"kind": "platt", "a": 1.0, "b": 0.0}}  # fmt: skip
+    (tmp_path / "cal" / "c.json").write_text(json.dumps(cal))
+    (tmp_path / "p.yaml").write_text(BASE.replace("threshold: 0.6", "calibration: cal/c.json"))
+    rule = load_policy(tmp_path / "p.yaml").rule(None, "m")
+    assert rule.calibration is not None
+    assert rule.score == "mean_logprob"  # the calibration decides which score is read
+
+
+def test_broken_calibration_is_a_policy_error(tmp_path: Path) -> None:
+    (tmp_path / "p.yaml").write_text(BASE.replace("threshold: 0.6", "calibration: missing.json"))
+    with pytest.raises(PolicyError, match=r"models\.m\.calibration"):
+        load_policy(tmp_path / "p.yaml")
+
+
+def test_decide_answers_only_above_the_threshold() -> None:
+    rule = parse_policy(BASE).rule("t", "m")  # t = 0.6, action hedge
+    assert decide(0.61, rule) == "answer"
+    assert decide(0.6, rule) == "hedge"  # strictly greater
+    assert decide(None, rule) == "hedge"  # on_missing_score defaults to the action
+
+
+def test_penalty_is_t_over_one_minus_t() -> None:
+    assert penalty(0.5) == 1
+    assert penalty(0.75) == 3
+    assert penalty(0.9) == pytest.approx(9)
