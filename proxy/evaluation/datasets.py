@@ -1,0 +1,117 @@
+"""Labelled question sets (JSON Lines) and their deterministic fit / held-out split.
+
+One question a line: ``{"id": "...", "question": "...", "answers": ["gold", "alias", ...],
+"kind": "..."}`` (``kind`` optional). The split is stratified by ``kind`` and decided by a
+hash of each id, so ``abstain calibrate --split fit`` and ``abstain eval --split held-out``
+agree on which question is where without storing a split file, and no question is ever
+used both to fit a calibration and to judge it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Split = Literal["all", "fit", "held-out"]
+SPLITS: tuple[Split, ...] = ("all", "fit", "held-out")
+
+
+class DatasetError(ValueError):
+    """A question file is missing or malformed (the message names the line)."""
+
+
+@dataclass(frozen=True)
+class Question:
+    """One labelled question."""
+
+    id: str
+    question: str
+    answers: tuple[str, ...]
+    kind: str = ""
+
+
+def _parse(line: str, where: str) -> Question:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{where}: not valid JSON ({exc.msg})") from None
+    if not isinstance(row, dict):
+        raise DatasetError(f"{where}: expected a JSON object")
+    qid, text, answers = row.get("id"), row.get("question"), row.get("answers")
+    if not isinstance(qid, str | int) or not isinstance(text, str) or not text.strip():
+        raise DatasetError(f"{where}: needs a string 'id' and a non-empty 'question'")
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise DatasetError(f"{where}: 'answers' must be a non-empty list of strings")
+    return Question(str(qid), text.strip(), tuple(answers), str(row.get("kind") or ""))
+
+
+def parse_questions(lines: Iterable[str], source: str = "<lines>") -> list[Question]:
+    """Questions from JSON Lines text; blank lines are skipped, duplicate ids refused."""
+    out: list[Question] = []
+    seen: set[str] = set()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        q = _parse(line, f"{source}:{number}")
+        if q.id in seen:
+            raise DatasetError(f"{source}:{number}: duplicate id {q.id!r}")
+        seen.add(q.id)
+        out.append(q)
+    if not out:
+        raise DatasetError(f"{source}: no questions")
+    return out
+
+
+def load_questions(path: str | Path) -> list[Question]:
+    """Read a question file; :class:`DatasetError` with the path and line on failure."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DatasetError(f"{p}: cannot read question file ({exc.strerror})") from None
+    return parse_questions(text.splitlines(), str(p))
+
+
+def dataset_name(path: str | Path) -> str:
+    """The name a calibration file records: the file name without ``.jsonl``."""
+    return Path(path).name.removesuffix(".jsonl").removesuffix(".json")
+
+
+def _rank(seed: int, qid: str) -> str:
+    return hashlib.sha256(f"{seed}:{qid}".encode()).hexdigest()
+
+
+def split(
+    questions: Sequence[Question], held_out_fraction: float, seed: int = 0
+) -> tuple[list[Question], list[Question]]:
+    """(fit, held-out): within each kind, the ``held_out_fraction`` with the lowest id hash."""
+    if not 0.0 < held_out_fraction < 1.0:
+        raise ValueError("held_out_fraction must be between 0 and 1")
+    by_kind: dict[str, list[Question]] = {}
+    for q in questions:
+        by_kind.setdefault(q.kind, []).append(q)
+    held: set[str] = set()
+    for group in by_kind.values():
+        ranked = sorted(group, key=lambda q: _rank(seed, q.id))
+        held.update(q.id for q in ranked[: round(held_out_fraction * len(ranked))])
+    return [q for q in questions if q.id not in held], [q for q in questions if q.id in held]
+
+
+def select(
+    questions: Sequence[Question],
+    which: Split,
+    held_out_fraction: float = 0.4,
+    seed: int = 0,
+    limit: int | None = None,
+) -> list[Question]:
+    """The questions of one split (``all`` keeps every question), at most ``limit``."""
+    if which == "all":
+        chosen = list(questions)
+    else:
+        fit, held_out = split(questions, held_out_fraction, seed)
+        chosen = fit if which == "fit" else held_out
+    return chosen[:limit] if limit is not None else chosen
