@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from proxy.decisions import DecisionLog
 from proxy.errors import BadRequest, ProxyError
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
@@ -75,6 +76,11 @@ def create_app(
     upstreams: UpstreamPool | None = None
     store = PolicyStore(settings.policy, on_reload=on_reload)
     metrics.policy_loaded.set(1)
+    decisions = DecisionLog(
+        settings.decision_log,
+        memory=settings.feedback_memory,
+        on_error=metrics.decision_log_errors.inc,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -98,6 +104,7 @@ def create_app(
             if watcher is not None:
                 watcher.cancel()
             await client.aclose()
+            decisions.close()
 
     app = FastAPI(
         title="abstain-proxy",
@@ -109,6 +116,7 @@ def create_app(
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.store = store
+    app.state.decisions = decisions
     app.include_router(router)
     app.add_exception_handler(ProxyError, _proxy_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

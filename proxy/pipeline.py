@@ -8,6 +8,7 @@ format only through :mod:`proxy.protocol` and upstreams only through their proto
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,10 @@ class Call:
     rule: Rule
     started: float = field(default_factory=time.perf_counter)
     upstream_seconds: float = 0.0
+    #: the id of the response sent to the client (for feedback), once known
+    response_id: str | None = None
+    #: the model's own answers before any rewrite, kept only when the rule logs text
+    answers: list[str | None] | None = None
 
     @property
     def client_logprobs(self) -> bool:
@@ -119,8 +124,12 @@ class Pipeline:
     def judge_response(self, call: Call, response: dict[str, Any]) -> list[Verdict]:
         """Judge every choice, apply each verdict, attach them, and count them."""
         keep_logprobs = call.client_logprobs
+        choices = choices_of(response)
+        call.response_id = ensure_id(response)
+        if call.rule.log_text:
+            call.answers = [choice_text(call.kind, c) for c in choices]
         verdicts = []
-        for choice in choices_of(response):
+        for choice in choices:
             verdict = self.judge_choice(call, choice)
             apply_verdict(call.kind, choice, verdict, call.rule)
             if not keep_logprobs and "logprobs" in choice:
@@ -145,6 +154,14 @@ class Pipeline:
                 m.expected_errors.labels(tenant, model).inc(miss)
             else:
                 m.expected_errors_avoided.labels(tenant, model).inc(miss)
+
+
+def ensure_id(response: dict[str, Any]) -> str:
+    """The response's id, minted when the upstream gave none: feedback refers to it."""
+    rid = response.get("id")
+    if not isinstance(rid, str) or not rid:
+        rid = response["id"] = f"abst-{uuid.uuid4().hex}"
+    return rid
 
 
 def verdict_headers(verdicts: list[Verdict]) -> dict[str, str]:

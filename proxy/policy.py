@@ -79,6 +79,8 @@ class RuleFields(_Strict):
     on_missing_score: Literal["answer", "abstain"] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
     keepalive_seconds: float | None = Field(None, gt=0)
+    #: put prompt and answer text in the decision log (off: scores and verdicts only)
+    log_text: bool | None = None
 
     @model_validator(mode="after")
     def _known_score(self) -> RuleFields:
@@ -102,6 +104,7 @@ class Defaults(RuleFields):
     on_missing_score: Literal["answer", "abstain"] | None = "abstain"
     top_logprobs: int | None = Field(5, ge=0, le=20)
     keepalive_seconds: float | None = Field(10.0, gt=0)
+    log_text: bool | None = False
 
 
 class ModelRoute(RuleFields):
@@ -171,6 +174,7 @@ class Rule:
     on_missing_score: Literal["answer", "abstain"]
     top_logprobs: int
     keepalive_seconds: float
+    log_text: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +270,7 @@ class Policy:
             on_missing_score=merged["on_missing_score"],
             top_logprobs=merged["top_logprobs"],
             keepalive_seconds=merged["keepalive_seconds"],
+            log_text=merged["log_text"],
         )
         self._rules[key] = rule
         return rule

@@ -17,7 +17,15 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from proxy import streaming
-from proxy.errors import ModelNotFound, PayloadTooLarge, ProxyError, Unauthorized
+from proxy.decisions import DecisionLog
+from proxy.errors import (
+    BadRequest,
+    ModelNotFound,
+    NotFound,
+    PayloadTooLarge,
+    ProxyError,
+    Unauthorized,
+)
 from proxy.judge import Verdict
 from proxy.metrics import Metrics
 from proxy.pipeline import Call, Pipeline, verdict_headers
@@ -102,20 +110,36 @@ async def _completion(request: Request, kind: Kind) -> Response:
         labels.model = route.model
         call = Call(kind, body, tenant, route, policy.rule(tenant, route.model), started)
         if body.get("stream"):
-            return await _stream(pipeline, metrics, call, labels)
+            return await _stream(pipeline, metrics, state.decisions, call, labels)
         response, verdicts = await pipeline.complete(call)
     except ProxyError as exc:
         _record(metrics, labels, [], exc.status, started, call.upstream_seconds if call else 0.0)
         raise
     _record(metrics, labels, verdicts, 200, started, call.upstream_seconds)
+    _remember(state.decisions, call, verdicts)
     return Response(orjson.dumps(response), media_type=_JSON, headers=verdict_headers(verdicts))
 
 
-async def _stream(pipeline: Pipeline, metrics: Metrics, call: Call, labels: _Labels) -> Response:
+def _remember(decisions: DecisionLog, call: Call, verdicts: list[Verdict]) -> None:
+    if call.response_id is None or not verdicts:
+        return
+    texts = None
+    if call.rule.log_text:
+        texts = {
+            "prompt": call.body.get("messages", call.body.get("prompt")),
+            "answers": call.answers,
+        }
+    decisions.record(call.response_id, call.tenant, call.route.model, verdicts, texts)
+
+
+async def _stream(
+    pipeline: Pipeline, metrics: Metrics, decisions: DecisionLog, call: Call, labels: _Labels
+) -> Response:
     mode = call.rule.streaming
 
     def on_finish(verdicts: list[Verdict], status: int, ttfb: float | None) -> None:
         _record(metrics, labels, verdicts, status, call.started, call.upstream_seconds)
+        _remember(decisions, call, verdicts)
         if ttfb is not None:
             metrics.ttfb.labels(labels.route, mode).observe(ttfb)
 
@@ -135,6 +159,37 @@ async def chat_completions(request: Request) -> Response:
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
     return await _completion(request, "completions")
+
+
+@router.post("/v1/feedback")
+async def feedback(request: Request) -> Response:
+    """Record whether a past answer was right: ``{"id", "correct", "choice"?}``."""
+    state = request.app.state
+    tenant = _tenant(state.store, request)
+    body = parse_json_body(await _read_body(request, state.settings.max_body_bytes))
+    rid, correct, choice = body.get("id"), body.get("correct"), body.get("choice", 0)
+    if not isinstance(rid, str) or not rid:
+        raise BadRequest("'id' must be the id of a response the proxy returned.", param="id")
+    if not isinstance(correct, bool):
+        raise BadRequest("'correct' must be true or false.", param="correct")
+    if not isinstance(choice, int) or isinstance(choice, bool) or choice < 0:
+        raise BadRequest("'choice' must be a non-negative integer.", param="choice")
+    decisions: DecisionLog = state.decisions
+    seen = decisions.lookup(rid)
+    # Another tenant's response is as unknown as one that never existed.
+    if seen is None or seen.tenant != tenant:
+        raise NotFound(f"No recent response with id {rid[:100]!r}.", param="id")
+    if choice >= len(seen.confidences):
+        raise BadRequest(f"The response has {len(seen.confidences)} choice(s).", param="choice")
+    p = seen.confidences[choice]
+    metrics: Metrics = state.metrics
+    bin_label = None if p is None else metrics.feedback_bin(p)
+    if bin_label is not None:
+        verdict = "true" if correct else "false"
+        metrics.feedback.labels(seen.tenant, seen.model, bin_label, verdict).inc()
+    decisions.feedback(rid, choice, correct)
+    out = {"id": rid, "choice": choice, "correct": correct, "recorded": True, "bin": bin_label}
+    return Response(orjson.dumps(out), media_type=_JSON)
 
 
 @router.get("/v1/models")
@@ -166,6 +221,10 @@ async def readyz(request: Request) -> Response:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(
-        generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST
-    )
+    state = request.app.state
+    # Under several workers each process holds only its own share; proxy.multiprocess
+    # installs a registry that sums every worker's files. One worker: its own registry.
+    registry = getattr(state, "scrape_registry", None)
+    if registry is None:
+        registry = state.metrics.registry
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     #: install the SIGHUP handler (only possible in the main thread)
     handle_signals: bool = True
     log_level: str = "info"
+    #: JSON Lines decision log (and feedback records); None keeps no log file
+    decision_log: Path | None = None
+    #: how many recent responses are remembered so that feedback can find them
+    feedback_memory: int = Field(100_000, ge=1)
 
 
 def environment() -> Mapping[str, str]:

@@ -25,7 +25,7 @@ from typing import Any
 from proxy.confidence.logprobs import scores_from_tokens, token_logprobs
 from proxy.errors import ProxyError, UpstreamError
 from proxy.judge import Verdict, judge, unjudged
-from proxy.pipeline import Call, Pipeline, skip_reason, verdict_headers
+from proxy.pipeline import Call, Pipeline, ensure_id, skip_reason, verdict_headers
 from proxy.protocol import SSE_DONE, SSE_KEEPALIVE, Kind, choices_of, is_tool_call, sse
 
 #: Called once when a stream ends: (verdicts, status, seconds to first byte).
@@ -138,9 +138,18 @@ class _Collector:
         self.lps: dict[int, list[float]] = {}
         self.tops: dict[int, list[Any]] = {}
         self.tools: set[int] = set()
+        self.texts: dict[int, list[str]] | None = None
 
     def add(self, kind: Kind, choice: dict[str, Any]) -> None:
         index = choice.get("index", 0)
+        if self.texts is not None:
+            piece = (
+                choice.get("text")
+                if kind == "completions"
+                else (choice.get("delta") or {}).get("content")
+            )
+            if isinstance(piece, str):
+                self.texts.setdefault(index, []).append(piece)
         lps, tops = token_logprobs(choice.get("logprobs"))
         self.lps.setdefault(index, []).extend(lps)
         self.tops.setdefault(index, []).extend(tops)
@@ -173,9 +182,11 @@ async def _relay(
     on_finish: OnFinish,
 ) -> AsyncIterator[bytes]:
     collector = _Collector()
+    if call.rule.log_text:
+        collector.texts = {}
     keep_logprobs = call.client_logprobs
     ttfb: float | None = None
-    last: dict[str, Any] = {}
+    last: dict[str, Any] = {}  # the latest chunk: its id and model go in the verdict chunk
     upstream = pipeline.upstreams.get(call.route.upstream)
     try:
         chunk = first
@@ -211,6 +222,9 @@ async def _relay(
     )
     verdicts = _stream_verdicts(call, collector)
     pipeline.observe_verdicts(call, verdicts)
+    call.response_id = ensure_id(last)
+    if collector.texts is not None:
+        call.answers = ["".join(collector.texts.get(i, [])) for i in range(len(verdicts))]
     final = {
         "id": last.get("id"),
         "object": last.get("object", "chat.completion.chunk"),
