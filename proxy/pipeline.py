@@ -7,6 +7,7 @@ format only through :mod:`proxy.protocol` and upstreams only through their proto
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Iterable
@@ -102,7 +103,7 @@ class Pipeline:
         body.pop("stream_options", None)
         t0 = time.perf_counter()
         try:
-            response = await upstream.complete(call.kind, body)
+            response = await self._fetch(upstream, call.kind, body)
         except UpstreamError as exc:
             self.upstream_failed(upstream, exc)
             raise
@@ -114,6 +115,16 @@ class Pipeline:
             self.upstream_failed(upstream, exc)
             raise
         return response, verdicts
+
+    @staticmethod
+    async def _fetch(upstream: Upstream, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
+        """One completion; ``n > 1`` fans out when the upstream ignores ``n``."""
+        n = body.get("n") or 1
+        if n == 1 or upstream.supports_n:
+            return await upstream.complete(kind, body)
+        single = {**body, "n": 1}
+        parts = await asyncio.gather(*(upstream.complete(kind, single) for _ in range(n)))
+        return merge_completions(parts)
 
     def judge_choice(self, call: Call, choice: dict[str, Any]) -> Verdict:
         reason = skip_reason(call, tool_call=is_tool_call(call.kind, choice))
@@ -154,6 +165,24 @@ class Pipeline:
                 m.expected_errors.labels(tenant, model).inc(miss)
             else:
                 m.expected_errors_avoided.labels(tenant, model).inc(miss)
+
+
+def merge_completions(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Join single-choice completions into one response with choices 0..n-1."""
+    merged = dict(parts[0])
+    choices = []
+    for i, part in enumerate(parts):
+        for choice in choices_of(part):
+            choices.append({**choice, "index": i})
+    merged["choices"] = choices
+    usages: list[dict[str, Any]] = [u for p in parts if isinstance(u := p.get("usage"), dict)]
+    if usages:
+        # The prompt is the same for every part: count it once, like a real n request.
+        completion = sum(int(u.get("completion_tokens") or 0) for u in usages)
+        prompt = int(usages[0].get("prompt_tokens") or 0)
+        merged["usage"] = {**usages[0], "completion_tokens": completion,
+                           "total_tokens": prompt + completion}  # fmt: skip
+    return merged
 
 
 def ensure_id(response: dict[str, Any]) -> str:

@@ -99,8 +99,9 @@ async def _completion(request: Request, kind: Kind) -> Response:
     labels = _Labels(route=kind)
     call: Call | None = None
     try:
-        body = parse_json_body(await _read_body(request, state.settings.max_body_bytes))
-        tenant = _tenant(store, request)
+        raw = await _read_body(request, state.settings.max_body_bytes)
+        tenant = _tenant(store, request)  # like OpenAI: authenticate before parsing
+        body = parse_json_body(raw)
         labels.tenant = tenant
         validate_request(kind, body)
         policy = store.current

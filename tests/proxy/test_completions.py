@@ -153,3 +153,28 @@ def test_health_and_readiness(client: TestClient) -> None:
     r = client.get("/readyz")
     assert r.status_code == 200
     assert r.json()["status"] == "ready"
+
+
+def test_n_fans_out_when_the_upstream_ignores_n(
+    make_client, fake: FakeUpstream, policy_path
+) -> None:
+    policy_path.write_text(
+        policy_path.read_text().replace(
+            "    base_url: http://upstream.test/v1\n",
+            "    base_url: http://upstream.test/v1\n    supports_n: false\n",
+        )
+    )
+    client = make_client()
+    body = chat(client, "sure", n=3).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert [r.get("n") for r in fake.requests] == [1, 1, 1]
+    assert body["usage"]["completion_tokens"] == 12
+    assert body["usage"]["total_tokens"] == 5 + 12
+    assert all(c["abstention"]["decision"] == "answer" for c in body["choices"])
+
+
+def test_authentication_comes_before_parsing(client: TestClient) -> None:
+    r = client.post(
+        "/v1/chat/completions", content=b"{broken", headers={"authorization": "Bearer x"}
+    )
+    assert r.status_code == 401
