@@ -70,7 +70,9 @@ class OpenAIHTTPUpstream:
         assert config.base_url is not None
         self.name = name
         self.supports_n = config.supports_n
-        self._base = config.base_url.rstrip("/")
+        base = config.base_url.rstrip("/")
+        # Parsed once: httpx would otherwise re-parse the URL string on every request.
+        self._urls = {kind: httpx.URL(base + path) for kind, path in _PATHS.items()}
         self._client = client
         self._total = config.timeouts.total
         self._timeout = httpx.Timeout(
@@ -87,7 +89,7 @@ class OpenAIHTTPUpstream:
     def _request(self, kind: Kind, body: dict[str, Any]) -> httpx.Request:
         return self._client.build_request(
             "POST",
-            self._base + _PATHS[kind],
+            self._urls[kind],
             content=orjson.dumps(body),
             headers=self._headers,
             timeout=self._timeout,
