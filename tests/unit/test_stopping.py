@@ -1,0 +1,165 @@
+"""The Beta-posterior stopping rule and its helpers."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+
+from proxy.confidence.stopping import (
+    StoppingRule,
+    agreement_cutpoint,
+    beta_cdf,
+    check,
+    prob_above,
+)
+
+
+def binomial_tail(n: int, p: float, k: int) -> float:
+    """P(Bin(n, p) >= k), summed directly."""
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))
+
+
+@pytest.mark.parametrize("a", [1, 2, 5, 13])
+@pytest.mark.parametrize("b", [1, 3, 8])
+@pytest.mark.parametrize("x", [0.01, 0.3, 0.5, 0.77, 0.99])
+def test_beta_cdf_matches_the_binomial_identity(a: int, b: int, x: float) -> None:
+    # For integer a, b: I_x(a, b) = P(Bin(a + b - 1, x) >= a).
+    assert beta_cdf(x, a, b) == pytest.approx(binomial_tail(a + b - 1, x, a), abs=1e-12)
+
+
+@pytest.mark.parametrize(("a", "b"), [(1.5, 2.7), (3.2, 1.1), (7.5, 9.25)])
+def test_beta_cdf_matches_numerical_integration(a: float, b: float) -> None:
+    grid = np.linspace(0.0, 1.0, 200_001)
+    density = grid ** (a - 1) * (1 - grid) ** (b - 1)
+    cumulative = np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2)])
+    cumulative /= cumulative[-1]
+    for x in (0.1, 0.42, 0.8):
+        expected = float(np.interp(x, grid, cumulative))
+        assert beta_cdf(x, a, b) == pytest.approx(expected, abs=1e-5)
+
+
+def test_beta_cdf_symmetry_and_edges() -> None:
+    assert beta_cdf(0.3, 0.5, 0.5) == pytest.approx(1 - beta_cdf(0.7, 0.5, 0.5))
+    assert beta_cdf(0.0, 2, 3) == 0.0 and beta_cdf(1.0, 2, 3) == 1.0
+    with pytest.raises(ValueError):
+        beta_cdf(0.5, 0, 1)
+
+
+def test_prob_above_after_unanimous_samples() -> None:
+    # Uniform prior, n of n agreeing: posterior Beta(n + 1, 1), so P(r > t) = 1 - t^(n+1).
+    for n in range(6):
+        assert prob_above(n, n, 0.6) == pytest.approx(1 - 0.6 ** (n + 1))
+
+
+def first_stop(rule: StoppingRule, answers: list[bool], budget: int) -> tuple[int, str] | None:
+    """Feed agree/disagree samples one at a time; where and why the rule first stops."""
+    agreeing = 0
+    for drawn, agrees in enumerate(answers, start=1):
+        agreeing += agrees
+        result = check(rule, agreeing=agreeing, drawn=drawn, budget=budget)
+        if result.stop:
+            return drawn, result.reason
+    return None
+
+
+def test_stops_early_on_unanimous_samples() -> None:
+    rule = StoppingRule(threshold=0.5, risk=0.05)
+    # 1 - 0.5^4 = 0.9375 after 3 samples is not enough; 1 - 0.5^5 = 0.969 after 4 is.
+    assert first_stop(rule, [True] * 8, budget=8) == (4, "above")
+    assert first_stop(rule, [False] * 8, budget=8) == (4, "below")
+
+
+def test_a_stricter_risk_needs_more_samples() -> None:
+    loose = first_stop(StoppingRule(threshold=0.5, risk=0.1), [True] * 16, budget=16)
+    strict = first_stop(StoppingRule(threshold=0.5, risk=0.01), [True] * 16, budget=16)
+    assert loose is not None and strict is not None
+    assert loose[0] < strict[0]
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+@pytest.mark.parametrize("budget", [8, 16])
+def test_never_stops_early_when_agreement_is_close_to_the_threshold(
+    threshold: float, budget: int
+) -> None:
+    rule = StoppingRule(threshold=threshold, risk=0.05)
+    checked = continued = 0
+    for drawn in range(1, budget):
+        for agreeing in range(drawn + 1):
+            if abs(agreeing / drawn - threshold) > 0.1:
+                continue
+            result = check(rule, agreeing=agreeing, drawn=drawn, budget=budget)
+            # The posterior never claims a side this close to t. The only stop allowed is
+            # when the full budget's share is already on one side whatever comes next.
+            cut = threshold * budget
+            settled = agreeing > cut or agreeing + budget - drawn <= cut
+            assert result.stop == settled, (drawn, agreeing, result)
+            if result.stop:
+                assert result.reason == "decided"
+            checked += 1
+            continued += not result.stop
+    # The grid really exercised the rule, mostly on undecided states.
+    assert checked >= budget // 2 and continued >= checked // 2
+
+
+def test_stops_when_the_remaining_samples_cannot_change_the_outcome() -> None:
+    rule = StoppingRule(threshold=0.5, risk=0.001)  # the posterior alone would not stop
+    above = check(rule, agreeing=5, drawn=6, budget=8)
+    assert (above.stop, above.reason) == (True, "decided")
+    below = check(rule, agreeing=1, drawn=5, budget=8)
+    assert (below.stop, below.reason) == (True, "decided")
+    undecided = check(rule, agreeing=4, drawn=6, budget=8)
+    assert not undecided.stop
+
+
+def test_majority_rule_is_opt_in() -> None:
+    counts = {"agreeing": 3, "drawn": 5, "budget": 6, "majority": 3, "runner_up": 1}
+    assert not check(StoppingRule(threshold=0.55), **counts).stop
+    settled = check(StoppingRule(threshold=0.55, stop_on_settled_majority=True), **counts)
+    assert (settled.stop, settled.reason) == (True, "majority")
+
+
+def test_nothing_drawn_decides_nothing() -> None:
+    # With t = 0.01 the prior alone puts P(r > t) at 0.99: still no stop without data.
+    assert not check(StoppingRule(threshold=0.01), agreeing=0, drawn=0, budget=8).stop
+
+
+def test_rule_validation() -> None:
+    for bad in (
+        {"threshold": 1.5},
+        {"threshold": 0.5, "risk": 0.0},
+        {"threshold": 0.5, "prior_agree": 0},
+    ):
+        with pytest.raises(ValueError):
+            StoppingRule(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        check(StoppingRule(threshold=0.5), agreeing=1, drawn=9, budget=8)
+
+
+def test_adaptive_stopping_saves_samples_on_easy_questions() -> None:
+    rng = random.Random(7)
+    rule = StoppingRule(threshold=0.5, risk=0.05)
+    used, wrong_side = [], 0
+    for true_rate in [0.97] * 200 + [0.03] * 200:
+        answers = [rng.random() < true_rate for _ in range(8)]
+        stop = first_stop(rule, answers, budget=8)
+        used.append(stop[0] if stop else 8)
+        if stop and stop[1] == ("below" if true_rate > 0.5 else "above"):
+            wrong_side += 1
+    assert sum(used) / len(used) <= 0.6 * 8
+    assert wrong_side / len(used) <= 0.05
+
+
+def test_agreement_cutpoint() -> None:
+    assert agreement_cutpoint(lambda a: a, 0.7) == pytest.approx(0.7, abs=1e-3)
+
+    def logistic(a: float) -> float:
+        return 1 / (1 + math.exp(-(8 * a - 4)))
+
+    # sigmoid(8a - 4) = 0.9 at a = (4 + ln 9) / 8.
+    assert agreement_cutpoint(logistic, 0.9) == pytest.approx((4 + math.log(9)) / 8, abs=1e-3)
+    assert agreement_cutpoint(lambda a: 0.2, 0.5) == 1.0
+    assert agreement_cutpoint(lambda a: 0.8, 0.5) == 0.0
+    assert agreement_cutpoint(lambda a: None, 0.5) == 1.0
