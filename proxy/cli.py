@@ -54,8 +54,34 @@ def _build_app(policy: Path, host: str, port: int) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    app = _build_app(args.policy, args.host, args.port)
-    server = uvicorn.Server(_uvicorn_config(app, args.host, args.port, args.log_level))
+    from proxy import multiprocess
+    from proxy.settings import Settings
+
+    # Flags win over ABSTAIN_* variables, which win over defaults: a container image
+    # configures `abstain serve` through its environment, a developer through flags.
+    flags: dict[str, Any] = {
+        "policy": args.policy,
+        "host": args.host,
+        "port": args.port,
+        "log_level": args.log_level,
+    }
+    settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    host, port, log_level = settings.host, settings.port, settings.log_level
+    # Built first with the factory's import string: uvicorn.Config reads WEB_CONCURRENCY
+    # when --workers is not given, and several workers need an import string anyway.
+    config = _uvicorn_config(multiprocess.APP_FACTORY, host, port, log_level)
+    if args.workers is not None:
+        if args.workers < 1:
+            print("--workers must be at least 1", file=sys.stderr)
+            return 2
+        config.workers = args.workers
+    if config.workers > 1:
+        return multiprocess.serve_workers(config, settings, os.environ)
+    if multiprocess.MULTIPROC_ENV in os.environ:
+        # Set by the operator for a single worker: the directory must exist and be empty.
+        multiprocess.prepare_directory(os.environ)
+    app = _build_app(settings.policy, host, port)
+    server = uvicorn.Server(_uvicorn_config(app, host, port, log_level))
     server.run()
     return 0
 
@@ -134,10 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the proxy")
-    serve.add_argument("--policy", type=Path, default=DEFAULT_POLICY)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8080)
-    serve.add_argument("--log-level", default="info")
+    # Unset flags fall back to ABSTAIN_POLICY, ABSTAIN_HOST, ... (see proxy.settings).
+    serve.add_argument("--policy", type=Path, help=f"default: $ABSTAIN_POLICY or {DEFAULT_POLICY}")
+    serve.add_argument("--host", help="default: $ABSTAIN_HOST or 127.0.0.1")
+    serve.add_argument("--port", type=int, help="default: $ABSTAIN_PORT or 8080")
+    serve.add_argument("--log-level", help="default: $ABSTAIN_LOG_LEVEL or info")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes (default: $WEB_CONCURRENCY or 1); >1 sums metrics over "
+        "workers through $PROMETHEUS_MULTIPROC_DIR, emptied at start",
+    )
     serve.set_defaults(func=cmd_serve)
 
     up = sub.add_parser("up", help="start the local reference model and the proxy in front of it")
