@@ -206,11 +206,9 @@ async def test_reference_future_is_awaited_and_never_cancelled() -> None:
     task = asyncio.create_task(
         draw_samples(upstream, "completions", COMPLETION, params, reference=reference, stopping=T50)
     )
-    for _ in range(100):
-        if upstream.served >= 2:
-            break
+    for _ in range(50):  # let the sampler run until it blocks on the reference
         await asyncio.sleep(0)
-    assert not task.done()  # the first check waits for the reference
+    assert upstream.served == 2 and not task.done()  # the first check waits for it
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
