@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from proxy.confidence.consistency import EXACT, Agreement, Matcher, score_agreement
 from proxy.confidence.stopping import StopCheck, StoppingRule, check
@@ -182,22 +182,26 @@ class _Run:
         return self.deadline is not None and asyncio.get_running_loop().time() >= self.deadline
 
 
+X = TypeVar("X")
+
+
+async def _settled(value: X | asyncio.Future[X | None] | None) -> X | None:
+    """The value, awaiting it first when the caller passed a future of it."""
+    if not isinstance(value, asyncio.Future):
+        return value
+    try:
+        # Shielded: cancelling the sampler must not cancel the caller's main request.
+        return await asyncio.shield(value)
+    except Exception:
+        return None  # the main request failed; its owner reports that, not us
+
+
 async def _agreement(
-    reference: str | asyncio.Future[str | None] | None,
-    samples: Sequence[str],
-    matcher: Matcher[Any],
+    reference: str | None, samples: Sequence[str], matcher: Matcher[Any]
 ) -> Agreement:
-    if isinstance(reference, asyncio.Future):
-        try:
-            # Shielded: cancelling the sampler must not cancel the caller's main request.
-            ref = await asyncio.shield(reference)
-        except Exception:
-            ref = None  # the main request failed; its owner reports that, not us
-    else:
-        ref = reference
     if matcher.runs_model:
-        return await asyncio.to_thread(score_agreement, ref, samples, matcher)
-    return score_agreement(ref, samples, matcher)
+        return await asyncio.to_thread(score_agreement, reference, samples, matcher)
+    return score_agreement(reference, samples, matcher)
 
 
 async def draw_samples(
@@ -208,7 +212,7 @@ async def draw_samples(
     *,
     reference: str | asyncio.Future[str | None] | None = None,
     matcher: Matcher[Any] = EXACT,
-    stopping: StoppingRule | None = None,
+    stopping: StoppingRule | asyncio.Future[StoppingRule | None] | None = None,
 ) -> SamplingResult:
     """Draw up to ``params.samples`` extra answers, stopping early when settled.
 
@@ -216,7 +220,9 @@ async def draw_samples(
     modified. ``reference`` is the answer the client will see, or a future of its text
     so sampling can start while the main answer is still being generated (it is awaited
     only at the first stopping check); without it the majority answer stands in.
-    ``stopping=None`` draws the whole budget (fixed k).
+    ``stopping=None`` draws the whole budget (fixed k). ``stopping`` may be a future too,
+    for a cut-point that depends on the main answer (hybrid: its logprob features); a
+    future that resolves to None or fails also means fixed k.
     """
     run = _Run(upstream, kind, body, params)
     texts: list[str] = []
@@ -245,10 +251,11 @@ async def draw_samples(
         attempted = len(texts) + failed
         if failed and not texts:
             break  # a whole round failed and nothing came back: likely down, fall back
-        if stopping is not None and len(texts) >= params.min_samples:
-            agreement = await _agreement(reference, texts, matcher)
+        rule = await _settled(stopping) if len(texts) >= params.min_samples else None
+        if rule is not None:
+            agreement = await _agreement(await _settled(reference), texts, matcher)
             last = check(
-                stopping,
+                rule,
                 agreeing=agreement.agreeing,
                 drawn=agreement.samples,
                 budget=params.samples - failed,

@@ -226,6 +226,23 @@ async def test_reference_future_is_awaited_and_never_cancelled() -> None:
     assert result.last_check is not None and result.last_check.reason == "below"
 
 
+async def test_stopping_rule_may_arrive_with_the_main_answer() -> None:
+    loop = asyncio.get_running_loop()
+    params = SamplingParams(samples=8, round_size=2)
+    for rule, used in ((T50, 4), (None, 8)):
+        stopping: asyncio.Future[StoppingRule | None] = loop.create_future()
+        loop.call_soon(stopping.set_result, rule)
+        result = await draw_samples(
+            SampleUpstream(["Paris"]),
+            "completions",
+            COMPLETION,
+            params,
+            reference="Paris",
+            stopping=stopping,
+        )
+        assert result.used == used and result.early_stopped == (rule is not None)
+
+
 async def test_chat_samples_and_choices_without_text() -> None:
     upstream = SampleUpstream(["Paris", None])
     params = SamplingParams(samples=4, round_size=4)
