@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.confidence.logprobs import as_probability
+from proxy.confidence import consistency, logprobs
 from proxy.policy import Decision, Rule, decide
 
 
@@ -54,15 +54,46 @@ class Verdict:
         return out
 
 
-def judge(scores: Mapping[str, float], rule: Rule, *, method: str | None = None) -> Verdict:
+def uncalibrated(name: str, value: float | None) -> float | None:
+    """A raw score on the [0, 1] scale, for rules without a calibration file."""
+    if value is None:
+        return None
+    if name in consistency.SCORES:
+        return consistency.as_probability(name, value)
+    return logprobs.as_probability(name, value)
+
+
+def _hybrid_without_calibration(scores: Mapping[str, float], rule: Rule) -> float | None:
+    # Without a fitted logistic model, the plain mean of the two 0-1 scales: a
+    # placeholder that keeps both signals until `abstain calibrate` fits the weights.
+    parts = [
+        p
+        for p in (
+            uncalibrated(rule.score, scores.get(rule.score)),
+            uncalibrated(rule.consistency_score, scores.get(rule.consistency_score)),
+        )
+        if p is not None
+    ]
+    return sum(parts) / len(parts) if parts else None
+
+
+def judge(
+    scores: Mapping[str, float],
+    rule: Rule,
+    *,
+    method: str | None = None,
+    samples: int | None = None,
+) -> Verdict:
     """Calibrate the rule's score and decide."""
     name = rule.score
     raw = scores.get(name)
     calibrated = rule.calibration is not None
     if rule.calibration is not None:
         p = rule.calibration(scores)
+    elif (method or rule.method) == "hybrid":
+        p = _hybrid_without_calibration(scores, rule)
     else:
-        p = None if raw is None else as_probability(name, raw)
+        p = uncalibrated(name, raw)
     return Verdict(
         decision=decide(p, rule),
         confidence=p,
@@ -72,6 +103,7 @@ def judge(scores: Mapping[str, float], rule: Rule, *, method: str | None = None)
         method=method or rule.method,
         calibrated=calibrated,
         policy=rule.tenant,
+        samples=samples,
         scores=scores,
         reason=None if p is not None else "no score could be computed for this answer",
     )

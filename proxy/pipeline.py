@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,12 @@ from proxy.protocol import (
     upstream_body,
     wants_json,
 )
+from proxy.sampled import Matchers, SamplingSession
+from proxy.sampled import observe as observe_sampling
+from proxy.sampling import SamplingResult
 from proxy.upstream.base import Upstream, UpstreamPool
+
+Scores = Mapping[str, float]
 
 
 @dataclass(slots=True)
@@ -83,11 +88,22 @@ class Pipeline:
     def __init__(self, upstreams: UpstreamPool, metrics: Metrics) -> None:
         self.upstreams = upstreams
         self.metrics = metrics
+        self.matchers = Matchers()
 
     def upstream_request(self, call: Call) -> tuple[Upstream, dict[str, Any]]:
         upstream = self.upstreams.get(call.route.upstream)
         top = call.rule.top_logprobs if call.uses_logprobs else None
         return upstream, upstream_body(call.kind, call.body, call.route.upstream_model, top)
+
+    def start_sampling(
+        self, call: Call, upstream: Upstream, body: dict[str, Any]
+    ) -> SamplingSession | None:
+        """Start drawing samples now, alongside the main answer, when the method needs them."""
+        sampling = call.rule.sampling
+        if sampling is None or skip_reason(call, tool_call=False) is not None:
+            return None
+        matcher = self.matchers.get(sampling)
+        return SamplingSession(call.rule, upstream, call.kind, body, matcher)
 
     def upstream_failed(self, upstream: Upstream, exc: UpstreamError) -> None:
         self.metrics.upstream_errors.labels(upstream.name, exc.kind).inc()
@@ -101,19 +117,21 @@ class Pipeline:
         upstream, body = self.upstream_request(call)
         body.pop("stream", None)
         body.pop("stream_options", None)
+        session = self.start_sampling(call, upstream, body)
         t0 = time.perf_counter()
         try:
-            response = await self._fetch(upstream, call.kind, body)
+            try:
+                response = await self._fetch(upstream, call.kind, body)
+            finally:
+                self.observe_upstream(call, upstream, time.perf_counter() - t0)
+            verdicts = await self.judge_response(call, response, session)
         except UpstreamError as exc:
             self.upstream_failed(upstream, exc)
             raise
         finally:
-            self.observe_upstream(call, upstream, time.perf_counter() - t0)
-        try:
-            verdicts = self.judge_response(call, response)
-        except UpstreamError as exc:
-            self.upstream_failed(upstream, exc)
-            raise
+            # Failed, cancelled (client gone) or done: no sample may outlive the request.
+            if session is not None:
+                session.cancel()
         return response, verdicts
 
     @staticmethod
@@ -126,23 +144,59 @@ class Pipeline:
         parts = await asyncio.gather(*(upstream.complete(kind, single) for _ in range(n)))
         return merge_completions(parts)
 
-    def judge_choice(self, call: Call, choice: dict[str, Any]) -> Verdict:
-        reason = skip_reason(call, tool_call=is_tool_call(call.kind, choice))
-        if reason is not None:
-            return unjudged(call.rule, reason)
-        return judge(scores_from_choice(choice.get("logprobs")), call.rule)
+    async def sample(
+        self, call: Call, session: SamplingSession, text: str | None, logprob_scores: Scores
+    ) -> SamplingResult:
+        """Hand the main answer to the sampler and wait for its samples."""
+        session.main_answer(text, logprob_scores)
+        result = await session.result()
+        observe_sampling(self.metrics, call.tenant, call.route.model, call.rule, result)
+        return result
 
-    def judge_response(self, call: Call, response: dict[str, Any]) -> list[Verdict]:
+    def judge_choice(
+        self,
+        call: Call,
+        *,
+        text: str | None,
+        logprob_scores: Scores,
+        tool_call: bool,
+        session: SamplingSession | None = None,
+        samples: SamplingResult | None = None,
+    ) -> tuple[Verdict, str | None]:
+        """One choice's verdict, and the answer to show instead when the rule says so."""
+        reason = skip_reason(call, tool_call=tool_call)
+        if reason is not None:
+            return unjudged(call.rule, reason), None
+        if session is not None and samples is not None:
+            return session.judge(text, logprob_scores, samples)
+        return judge(logprob_scores, call.rule), None
+
+    async def judge_response(
+        self, call: Call, response: dict[str, Any], session: SamplingSession | None = None
+    ) -> list[Verdict]:
         """Judge every choice, apply each verdict, attach them, and count them."""
-        keep_logprobs = call.client_logprobs
+        kind, keep_logprobs = call.kind, call.client_logprobs
         choices = choices_of(response)
         call.response_id = ensure_id(response)
         if call.rule.log_text:
-            call.answers = [choice_text(call.kind, c) for c in choices]
+            call.answers = [choice_text(kind, c) for c in choices]
+        scores = [scores_from_choice(c.get("logprobs")) for c in choices]
+        samples = None
+        if session is not None and choices:
+            samples = await self.sample(call, session, choice_text(kind, choices[0]), scores[0])
         verdicts = []
-        for choice in choices:
-            verdict = self.judge_choice(call, choice)
-            apply_verdict(call.kind, choice, verdict, call.rule)
+        for choice, lp in zip(choices, scores, strict=True):
+            verdict, shown = self.judge_choice(
+                call,
+                text=choice_text(kind, choice),
+                logprob_scores=lp,
+                tool_call=is_tool_call(kind, choice),
+                session=session,
+                samples=samples,
+            )
+            if shown is not None and len(choices) == 1:
+                set_choice_text(kind, choice, shown)
+            apply_verdict(kind, choice, verdict, call.rule)
             if not keep_logprobs and "logprobs" in choice:
                 choice["logprobs"] = None
             choice["abstention"] = verdict.to_dict()

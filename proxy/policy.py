@@ -20,11 +20,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from proxy.confidence.calibration import Calibration
+from proxy.confidence.consistency import SCORES as AGREEMENT_SCORES
 from proxy.confidence.logprobs import SCORES
 
 Action = Literal["abstain", "hedge", "annotate"]
 Method = Literal["logprobs", "consistency", "hybrid", "none"]
 StreamMode = Literal["buffer", "passthrough"]
+MatcherName = Literal["exact", "numeric", "embedding"]
+SamplingFallback = Literal["fallback", "answer", "abstain", "error"]
 Decision = Literal["answer", "abstain", "hedge", "annotate", "unjudged"]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
@@ -82,10 +85,45 @@ class RuleFields(_Strict):
     #: put prompt and answer text in the decision log (off: scores and verdicts only)
     log_text: bool | None = None
 
+    # Sampling, for method consistency and hybrid.
+    #: the agreement score read by method consistency
+    consistency_score: str | None = None
+    #: extra samples drawn at most (the budget)
+    samples: int | None = Field(None, ge=1, le=64)
+    sample_temperature: float | None = Field(None, ge=0.0, le=2.0)
+    #: samples per round; the stopping rule is consulted between rounds
+    sample_round_size: int | None = Field(None, ge=1, le=64)
+    #: concurrent upstream calls per request when the upstream ignores n
+    sample_concurrency: int | None = Field(None, ge=1, le=64)
+    #: samples that must come back to decide on agreement at all
+    min_samples: int | None = Field(None, ge=1, le=64)
+    sample_timeout: float | None = Field(None, gt=0)
+    #: cap on each sample's length; unset keeps the client's max_tokens
+    sample_max_tokens: int | None = Field(None, ge=1)
+    #: stop sampling once the decision is settled (adaptive), or always draw the budget
+    adaptive: bool | None = None
+    #: accepted chance that adaptive stopping lands on the other side of t
+    stop_risk: float | None = Field(None, gt=0.0, lt=0.5)
+    matcher: MatcherName | None = None
+    embedding_threshold: float | None = Field(None, ge=-1.0, le=1.0)
+    #: which answer the client sees: the one it asked for, or the samples' majority
+    show: Literal["requested", "majority"] | None = None
+    #: too few samples came back: judge on logprobs when there are some ("fallback"),
+    #: or answer, abstain (the rule's action) or fail with 502
+    on_sampling_error: SamplingFallback | None = None
+
     @model_validator(mode="after")
     def _known_score(self) -> RuleFields:
         if self.score is not None and self.score not in SCORES:
             raise ValueError(f"score must be one of {', '.join(SCORES)}")
+        if self.consistency_score is not None and self.consistency_score not in AGREEMENT_SCORES:
+            raise ValueError(f"consistency_score must be one of {', '.join(AGREEMENT_SCORES)}")
+        if (
+            self.min_samples is not None
+            and self.samples is not None
+            and self.min_samples > self.samples
+        ):
+            raise ValueError("min_samples cannot exceed samples")
         return self
 
 
@@ -105,6 +143,19 @@ class Defaults(RuleFields):
     top_logprobs: int | None = Field(5, ge=0, le=20)
     keepalive_seconds: float | None = Field(10.0, gt=0)
     log_text: bool | None = False
+    consistency_score: str | None = "agreement"
+    samples: int | None = Field(8, ge=1, le=64)
+    sample_temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    sample_round_size: int | None = Field(2, ge=1, le=64)
+    sample_concurrency: int | None = Field(4, ge=1, le=64)
+    min_samples: int | None = Field(2, ge=1, le=64)
+    sample_timeout: float | None = Field(30.0, gt=0)
+    adaptive: bool | None = True
+    stop_risk: float | None = Field(0.05, gt=0.0, lt=0.5)
+    matcher: MatcherName | None = "exact"
+    embedding_threshold: float | None = Field(0.8, ge=-1.0, le=1.0)
+    show: Literal["requested", "majority"] | None = "requested"
+    on_sampling_error: SamplingFallback | None = "fallback"
 
 
 class ModelRoute(RuleFields):
@@ -175,6 +226,29 @@ class Rule:
     top_logprobs: int
     keepalive_seconds: float
     log_text: bool
+    consistency_score: str = "agreement"
+    #: the logprob score, even when a calibration or the method reads another one
+    logprob_score: str = "min_logprob"
+    sampling: SamplingRule | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingRule:
+    """How a consistency or hybrid rule samples (None on a logprobs rule)."""
+
+    samples: int
+    temperature: float
+    round_size: int
+    concurrency: int
+    min_samples: int
+    timeout: float
+    max_tokens: int | None
+    adaptive: bool
+    risk: float
+    matcher: MatcherName
+    embedding_threshold: float
+    show: Literal["requested", "majority"]
+    on_error: SamplingFallback
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,13 +328,33 @@ class Policy:
                 if v is not None:
                     merged[k] = v
         calibration = self._calibrations.get(merged["calibration"] or "")
+        sampling = None
+        if merged["method"] in ("consistency", "hybrid"):
+            sampling = SamplingRule(
+                samples=merged["samples"],
+                temperature=merged["sample_temperature"],
+                round_size=merged["sample_round_size"],
+                concurrency=merged["sample_concurrency"],
+                min_samples=min(merged["min_samples"], merged["samples"]),
+                timeout=merged["sample_timeout"],
+                max_tokens=merged["sample_max_tokens"],
+                adaptive=merged["adaptive"],
+                risk=merged["stop_risk"],
+                matcher=merged["matcher"],
+                embedding_threshold=merged["embedding_threshold"],
+                show=merged["show"],
+                on_error=merged["on_sampling_error"],
+            )
+        score = (
+            merged["consistency_score"] if merged["method"] == "consistency" else merged["score"]
+        )
         rule = Rule(
             tenant=tenant or "anonymous",
             threshold=merged["threshold"],
             action=merged["action"],
             method=merged["method"],
             # A calibration is fitted on one score: it decides which score is read.
-            score=calibration.score if calibration else merged["score"],
+            score=calibration.score if calibration else score,
             calibration=calibration,
             abstention_message=merged["abstention_message"],
             hedge_prefix=merged["hedge_prefix"],
@@ -271,6 +365,9 @@ class Policy:
             top_logprobs=merged["top_logprobs"],
             keepalive_seconds=merged["keepalive_seconds"],
             log_text=merged["log_text"],
+            consistency_score=merged["consistency_score"],
+            logprob_score=merged["score"],
+            sampling=sampling,
         )
         self._rules[key] = rule
         return rule

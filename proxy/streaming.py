@@ -24,9 +24,10 @@ from typing import Any
 
 from proxy.confidence.logprobs import scores_from_tokens, token_logprobs
 from proxy.errors import ProxyError, UpstreamError
-from proxy.judge import Verdict, judge, unjudged
-from proxy.pipeline import Call, Pipeline, ensure_id, skip_reason, verdict_headers
+from proxy.judge import Verdict
+from proxy.pipeline import Call, Pipeline, ensure_id, verdict_headers
 from proxy.protocol import SSE_DONE, SSE_KEEPALIVE, Kind, choices_of, is_tool_call, sse
+from proxy.sampled import SamplingSession
 
 #: Called once when a stream ends: (verdicts, status, seconds to first byte).
 OnFinish = Callable[[list[Verdict], int, float | None], None]
@@ -156,22 +157,30 @@ class _Collector:
         if is_tool_call(kind, choice):
             self.tools.add(index)
 
+    def text(self, index: int) -> str | None:
+        """The streamed text of one choice, when texts are collected."""
+        return None if self.texts is None else "".join(self.texts.get(index, []))
+
 
 async def passthrough(pipeline: Pipeline, call: Call, on_finish: OnFinish) -> Stream:
     """Relay the upstream stream; append the verdict before ``[DONE]``."""
     upstream, body = pipeline.upstream_request(call)
+    session = pipeline.start_sampling(call, upstream, body)
     chunks = upstream.stream(call.kind, body).__aiter__()
     t0 = time.perf_counter()
     try:
         first: dict[str, Any] | None = await chunks.__anext__()
     except StopAsyncIteration:
         first = None
-    except UpstreamError as exc:
-        pipeline.upstream_failed(upstream, exc)
+    except BaseException as exc:
+        if session is not None:
+            session.cancel()
+        if isinstance(exc, UpstreamError):
+            pipeline.upstream_failed(upstream, exc)
         raise
     finally:
         call.upstream_seconds += time.perf_counter() - t0
-    return Stream(_relay(pipeline, call, first, chunks, on_finish))
+    return Stream(_relay(pipeline, call, first, chunks, session, on_finish))
 
 
 async def _relay(
@@ -179,10 +188,11 @@ async def _relay(
     call: Call,
     first: dict[str, Any] | None,
     chunks: AsyncIterator[dict[str, Any]],
+    session: SamplingSession | None,
     on_finish: OnFinish,
 ) -> AsyncIterator[bytes]:
     collector = _Collector()
-    if call.rule.log_text:
+    if call.rule.log_text or session is not None:
         collector.texts = {}
     keep_logprobs = call.client_logprobs
     ttfb: float | None = None
@@ -207,6 +217,10 @@ async def _relay(
                 chunk = None
             finally:
                 call.upstream_seconds += time.perf_counter() - t0
+        pipeline.metrics.upstream_latency.labels(upstream.name, call.route.model).observe(
+            call.upstream_seconds
+        )
+        verdicts = await _stream_verdicts(pipeline, call, collector, session)
     except UpstreamError as exc:
         pipeline.upstream_failed(upstream, exc)
         yield sse(exc.body())
@@ -214,17 +228,16 @@ async def _relay(
         on_finish([], exc.status, ttfb)
         return
     finally:
+        # Done, failed, or the client went away (cancellation): release the upstream.
+        if session is not None:
+            session.cancel()
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
-    pipeline.metrics.upstream_latency.labels(upstream.name, call.route.model).observe(
-        call.upstream_seconds
-    )
-    verdicts = _stream_verdicts(call, collector)
     pipeline.observe_verdicts(call, verdicts)
     call.response_id = ensure_id(last)
-    if collector.texts is not None:
-        call.answers = ["".join(collector.texts.get(i, [])) for i in range(len(verdicts))]
+    if collector.texts is not None and call.rule.log_text:
+        call.answers = [collector.text(i) for i in range(len(verdicts))]
     final = {
         "id": last.get("id"),
         "object": last.get("object", "chat.completion.chunk"),
@@ -239,15 +252,27 @@ async def _relay(
     on_finish(verdicts, 200, ttfb)
 
 
-def _stream_verdicts(call: Call, collector: _Collector) -> list[Verdict]:
+async def _stream_verdicts(
+    pipeline: Pipeline, call: Call, collector: _Collector, session: SamplingSession | None
+) -> list[Verdict]:
+    indexes = sorted(collector.lps.keys() | collector.tools)
+    scores = {
+        i: scores_from_tokens(collector.lps.get(i, []), collector.tops.get(i, [])) for i in indexes
+    }
+    samples = None
+    if session is not None and indexes:
+        first = indexes[0]
+        samples = await pipeline.sample(call, session, collector.text(first), scores[first])
     verdicts = []
-    for index in sorted(collector.lps.keys() | collector.tools):
-        reason = skip_reason(call, tool_call=index in collector.tools)
-        if reason is not None:
-            verdicts.append(unjudged(call.rule, reason))
-            continue
-        scores = scores_from_tokens(collector.lps.get(index, []), collector.tops.get(index, []))
-        verdict = judge(scores, call.rule)
+    for index in indexes:
+        verdict, _shown = pipeline.judge_choice(
+            call,
+            text=collector.text(index),
+            logprob_scores=scores[index],
+            tool_call=index in collector.tools,
+            session=session,
+            samples=samples,
+        )
         if verdict.decision in ("abstain", "hedge"):
             # The text has already gone out: all that is left is to say so.
             verdict.decision = "annotate"

@@ -28,6 +28,9 @@ upstreams:
     base_url: http://upstream.test/v1
     api_key_env: FAKE_UPSTREAM_KEY
     timeouts: {{connect: 1, read: 1, total: 1}}
+  fake-no-n:
+    base_url: http://upstream.test/v1
+    supports_n: false
 models:
   sure: {{upstream: fake}}
   unsure: {{upstream: fake}}
@@ -38,6 +41,13 @@ models:
   slow: {{upstream: fake, keepalive_seconds: 0.2}}
   tool: {{upstream: fake}}
   alias: {{upstream: fake, upstream_model: sure}}
+  agree: {{upstream: fake, upstream_model: sure, method: consistency, samples: 4, adaptive: false}}
+  agree-no-n: {{upstream: fake-no-n, upstream_model: sure, method: consistency, samples: 4, adaptive: false}}
+  agree-adaptive: {{upstream: fake, upstream_model: sure, method: consistency, samples: 8}}
+  split: {{upstream: fake, method: consistency, samples: 4, adaptive: false}}
+  split-majority: {{upstream: fake, upstream_model: split, method: consistency, samples: 4, adaptive: false, show: majority}}
+  fail-samples: {{upstream: fake, method: consistency, samples: 4}}
+  hybrid: {{upstream: fake, upstream_model: sure, method: hybrid, samples: 4, adaptive: false}}
 defaults:
   threshold: 0.5
   action: abstain

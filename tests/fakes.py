@@ -8,6 +8,10 @@
 ``slow``      sleeps ``x_sleep`` seconds (default ``SLOW_SECONDS``) before answering
 ``tool``      answers with a tool call
 ``refuse-400`` the upstream rejects the request with HTTP 400
+``split``     the main answer is ANSWER; samples (temperature 1.0) cycle through SPLIT
+``fail-samples`` the main answer is fine; every sample request fails with HTTP 500
+
+Any other model answers ANSWER everywhere, so its samples agree.
 
 Every answer echoes the request it got under ``x_echo`` (so tests can check what the
 proxy sent upstream) and carries an unknown field ``x_upstream_extra`` (so tests can
@@ -24,6 +28,8 @@ import httpx
 
 SLOW_SECONDS = 2.0
 ANSWER = "Paris is the capital"
+SAMPLE_TEMPERATURE = 1.0
+SPLIT = ["Lyon", "Lyon", "Nice", "Lyon"]
 TOKENS = ["Paris", " is", " the", " capital"]
 
 
@@ -59,13 +65,14 @@ def _completion_logprobs(model: str, top: int) -> dict[str, Any]:
     }
 
 
-def completion(kind: str, body: dict[str, Any]) -> dict[str, Any]:
+def completion(kind: str, body: dict[str, Any], texts: list[str] | None = None) -> dict[str, Any]:
     model = body["model"]
     n = body.get("n") or 1
     choices = []
     for i in range(n):
+        text = texts[i] if texts else ANSWER
         if kind == "chat":
-            message: dict[str, Any] = {"role": "assistant", "content": ANSWER}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
             if model == "tool":
                 message = {
                     "role": "assistant",
@@ -84,7 +91,7 @@ def completion(kind: str, body: dict[str, Any]) -> dict[str, Any]:
             else:
                 choice["logprobs"] = None
         else:
-            choice = {"index": i, "text": " " + ANSWER, "finish_reason": "stop"}
+            choice = {"index": i, "text": " " + text, "finish_reason": "stop"}
             lp = body.get("logprobs")
             choice["logprobs"] = None if lp is None else _completion_logprobs(model, lp)
         choices.append(choice)
@@ -148,6 +155,11 @@ class FakeUpstream:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.headers: list[httpx.Headers] = []
+        self.split_samples = 0
+
+    def samples(self) -> list[dict[str, Any]]:
+        """The sample requests received (those at the sampling temperature)."""
+        return [r for r in self.requests if r.get("temperature") == SAMPLE_TEMPERATURE]
 
     async def __call__(self, request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
@@ -165,6 +177,15 @@ class FakeUpstream:
             return httpx.Response(200, json={"id": "x", "object": "chat.completion"})
         if model == "slow":
             await asyncio.sleep(float(body.get("x_sleep", SLOW_SECONDS)))
+        is_sample = body.get("temperature") == SAMPLE_TEMPERATURE
+        if model == "fail-samples" and is_sample:
+            return httpx.Response(500, json={"error": {"message": "sampler down"}})
+        if model == "split" and is_sample:
+            texts = []
+            for _ in range(body.get("n") or 1):
+                texts.append(SPLIT[self.split_samples % len(SPLIT)])
+                self.split_samples += 1
+            return httpx.Response(200, json=completion(kind, body, texts))
         if body.get("stream"):
             payload = b"".join(
                 b"data: " + json.dumps(c).encode() + b"\n\n" for c in stream_chunks(kind, body)
