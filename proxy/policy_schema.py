@@ -1,0 +1,197 @@
+"""The policy file's schema: strict, frozen pydantic models of what a user writes.
+
+Unknown keys are errors and every model is frozen, so a loaded policy cannot drift.
+:mod:`proxy.policy` compiles a validated :class:`PolicyFile` into rules for the hot path.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from proxy.confidence.consistency import SCORES as AGREEMENT_SCORES
+from proxy.confidence.logprobs import SCORES
+
+Action = Literal["abstain", "hedge", "annotate"]
+Method = Literal["logprobs", "consistency", "hybrid", "none"]
+StreamMode = Literal["buffer", "passthrough"]
+MatcherName = Literal["exact", "numeric", "embedding"]
+SamplingFallback = Literal["fallback", "answer", "abstain", "error"]
+Decision = Literal["answer", "abstain", "hedge", "annotate", "unjudged"]
+Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timeouts(_Strict):
+    """Upstream timeouts in seconds."""
+
+    connect: float = Field(5.0, gt=0)
+    read: float = Field(120.0, gt=0)
+    total: float = Field(300.0, gt=0)
+
+
+class UpstreamConfig(_Strict):
+    """One upstream: an OpenAI-compatible ``base_url`` or a litellm model string."""
+
+    base_url: str | None = None
+    litellm_model: str | None = None
+    #: name of the environment variable holding the key; keys never live in the file
+    api_key_env: str | None = None
+    #: extra litellm keyword arguments (api_base, api_version, ...), never secrets
+    litellm_params: dict[str, Any] = Field(default_factory=dict)
+    supports_n: bool = True
+    timeouts: Timeouts = Timeouts()
+    max_connections: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> UpstreamConfig:
+        if (self.base_url is None) == (self.litellm_model is None):
+            raise ValueError("give exactly one of base_url or litellm_model")
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError("base_url must start with http:// or https://")
+        return self
+
+
+class RuleFields(_Strict):
+    """Everything a tenant or a model may override. ``None`` means 'inherit'."""
+
+    threshold: float | None = Field(None, ge=0.0, lt=1.0)
+    action: Action | None = None
+    method: Method | None = None
+    score: str | None = None
+    calibration: str | None = None
+    abstention_message: str | None = None
+    hedge_prefix: str | None = None
+    streaming: StreamMode | None = None
+    judge_tool_calls: bool | None = None
+    judge_json: bool | None = None
+    on_missing_score: Literal["answer", "abstain"] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    keepalive_seconds: float | None = Field(None, gt=0)
+    #: put prompt and answer text in the decision log (off: scores and verdicts only)
+    log_text: bool | None = None
+
+    # Sampling, for method consistency and hybrid.
+    #: the agreement score read by method consistency
+    consistency_score: str | None = None
+    #: extra samples drawn at most (the budget)
+    samples: int | None = Field(None, ge=1, le=64)
+    sample_temperature: float | None = Field(None, ge=0.0, le=2.0)
+    #: samples per round; the stopping rule is consulted between rounds
+    sample_round_size: int | None = Field(None, ge=1, le=64)
+    #: concurrent upstream calls per request when the upstream ignores n
+    sample_concurrency: int | None = Field(None, ge=1, le=64)
+    #: samples that must come back to decide on agreement at all
+    min_samples: int | None = Field(None, ge=1, le=64)
+    sample_timeout: float | None = Field(None, gt=0)
+    #: cap on each sample's length; unset keeps the client's max_tokens
+    sample_max_tokens: int | None = Field(None, ge=1)
+    #: stop sampling once the decision is settled (adaptive), or always draw the budget
+    adaptive: bool | None = None
+    #: accepted chance that adaptive stopping lands on the other side of t
+    stop_risk: float | None = Field(None, gt=0.0, lt=0.5)
+    matcher: MatcherName | None = None
+    embedding_threshold: float | None = Field(None, ge=-1.0, le=1.0)
+    #: which answer the client sees: the one it asked for, or the samples' majority
+    show: Literal["requested", "majority"] | None = None
+    #: too few samples came back: judge on logprobs when there are some ("fallback"),
+    #: or answer, abstain (the rule's action) or fail with 502
+    on_sampling_error: SamplingFallback | None = None
+
+    @model_validator(mode="after")
+    def _known_score(self) -> RuleFields:
+        if self.score is not None and self.score not in SCORES:
+            raise ValueError(f"score must be one of {', '.join(SCORES)}")
+        if self.consistency_score is not None and self.consistency_score not in AGREEMENT_SCORES:
+            raise ValueError(f"consistency_score must be one of {', '.join(AGREEMENT_SCORES)}")
+        if (
+            self.min_samples is not None
+            and self.samples is not None
+            and self.min_samples > self.samples
+        ):
+            raise ValueError("min_samples cannot exceed samples")
+        return self
+
+
+class Defaults(RuleFields):
+    """The rule every request starts from."""
+
+    threshold: float | None = Field(0.5, ge=0.0, lt=1.0)
+    action: Action | None = "abstain"
+    method: Method | None = "logprobs"
+    score: str | None = "min_logprob"
+    abstention_message: str | None = "I don't know."
+    hedge_prefix: str | None = "I'm not sure, but: "
+    streaming: StreamMode | None = "buffer"
+    judge_tool_calls: bool | None = False
+    judge_json: bool | None = False
+    on_missing_score: Literal["answer", "abstain"] | None = "abstain"
+    top_logprobs: int | None = Field(5, ge=0, le=20)
+    keepalive_seconds: float | None = Field(10.0, gt=0)
+    log_text: bool | None = False
+    consistency_score: str | None = "agreement"
+    samples: int | None = Field(8, ge=1, le=64)
+    sample_temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    sample_round_size: int | None = Field(2, ge=1, le=64)
+    sample_concurrency: int | None = Field(4, ge=1, le=64)
+    min_samples: int | None = Field(2, ge=1, le=64)
+    sample_timeout: float | None = Field(30.0, gt=0)
+    adaptive: bool | None = True
+    stop_risk: float | None = Field(0.05, gt=0.0, lt=0.5)
+    matcher: MatcherName | None = "exact"
+    embedding_threshold: float | None = Field(0.8, ge=-1.0, le=1.0)
+    show: Literal["requested", "majority"] | None = "requested"
+    on_sampling_error: SamplingFallback | None = "fallback"
+
+
+class ModelRoute(RuleFields):
+    """The model name a client sends, mapped to an upstream and its model name."""
+
+    upstream: str
+    upstream_model: str | None = None
+
+
+class Tenant(RuleFields):
+    """A tenant: its API keys (SHA-256 hex only) and its overrides."""
+
+    api_key_sha256: list[Sha256Hex] = Field(default_factory=list)
+
+
+class Auth(_Strict):
+    """What to do with a missing or unknown API key."""
+
+    unknown_keys: Literal["reject", "default"] = "reject"
+    default_tenant: str | None = None
+
+    @model_validator(mode="after")
+    def _default_named(self) -> Auth:
+        if self.unknown_keys == "default" and not self.default_tenant:
+            raise ValueError("unknown_keys: default needs default_tenant")
+        return self
+
+
+class PolicyFile(_Strict):
+    """The whole policy file as written."""
+
+    upstreams: dict[str, UpstreamConfig]
+    models: dict[str, ModelRoute]
+    defaults: Defaults = Defaults()
+    auth: Auth = Auth()
+    tenants: dict[str, Tenant] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _references(self) -> PolicyFile:
+        problems = [
+            f"models.{name}.upstream: no upstream named {route.upstream!r}"
+            for name, route in self.models.items()
+            if route.upstream not in self.upstreams
+        ]
+        if self.auth.default_tenant and self.auth.default_tenant not in self.tenants:
+            problems.append(f"auth.default_tenant: no tenant named {self.auth.default_tenant!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
