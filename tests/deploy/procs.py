@@ -178,3 +178,35 @@ def sample_total(exposition: str, name: str, **labels: str) -> float:
             if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                 total += sample.value
     return total
+
+
+@contextlib.contextmanager
+def proxy_from_environment(policy: Path, log: Path) -> Iterator[str]:
+    """``abstain serve`` with no flags, configured like the container image: ABSTAIN_*.
+
+    Yields the base URL once ``/readyz`` answers.
+    """
+    port = free_port()
+    env = {
+        "ABSTAIN_POLICY": str(policy),
+        "ABSTAIN_HOST": "127.0.0.1",
+        "ABSTAIN_PORT": str(port),
+        "ABSTAIN_LOG_LEVEL": "warning",
+    }
+    base = f"http://127.0.0.1:{port}"
+    with running([*abstain_command(), "serve"], log, f"{base}/readyz", env):
+        yield base
+
+
+def prometheus_query(base: str, query: str) -> list[dict[str, Any]]:
+    """The result vector of an instant query against Prometheus's HTTP API ([] on error)."""
+    status, body = http_get(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": query}))
+    if status != 200:
+        return []
+    result: list[dict[str, Any]] = json.loads(body)["data"]["result"]
+    return result
+
+
+def scalar(result: list[dict[str, Any]]) -> float | None:
+    """The value of a one-element result vector, else None."""
+    return float(result[0]["value"][1]) if len(result) == 1 else None
