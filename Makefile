@@ -5,6 +5,7 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
 PYTHON  ?= python3
+TORCH_VERSION ?= 2.13.0
 
 # llama.cpp is compiled on install. A native build uses AMX tile instructions that
 # fault on some virtual machines (this project's CI among them), so build for
@@ -18,7 +19,10 @@ endif
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -e '.[local,eval,dev]'
+	# A CPU build of PyTorch for the embedding matcher: 2.13.0 is the CPU wheel this
+	# platform provides; an unpinned torch would pull a multi-GB CUDA build.
+	$(PIP) install -q torch==$(TORCH_VERSION)
+	$(PIP) install -q -e '.[local,eval,embedding,dev]'
 	touch $@
 
 install: $(VENV)/.installed
