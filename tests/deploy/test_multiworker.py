@@ -48,14 +48,20 @@ def test_two_workers_report_the_sum_in_one_scrape(tmp_path: Path, policy_file: P
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     command = [*abstain_command(), "serve", "--policy", str(policy_file)]
-    command += ["--port", str(port), "--workers", "2", "--log-level", "warning"]
+    command += ["--port", str(port), "--workers", "2", "--log-level", "info"]
     env = {"PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    log = tmp_path / "proxy.log"
 
-    with running(command, tmp_path / "proxy.log", f"{base}/healthz", env):
+    with running(command, log, f"{base}/healthz", env):
         assert not (directory / "counter_999999.db").exists()
-        # Both workers write their live gauge as they build the app.
-        gauges = wait_for(lambda: list(directory.glob("gauge_liveall_*.db")), lambda g: len(g) == 2)
-        assert len(gauges) == 2, f"expected two workers, saw {gauges}"
+        # /healthz answers once one worker is up; wait for the second one too.
+        started = wait_for(
+            lambda: log.read_text(errors="replace").count("Application startup complete"),
+            lambda n: n == 2,
+        )
+        assert started == 2, log.read_text(errors="replace")[-3000:]
+        gauges = list(directory.glob("gauge_liveall_*.db"))
+        assert len(gauges) == 2, f"expected one live gauge per worker, saw {gauges}"
 
         # Fresh connections, many at once: the kernel hands them to both workers. Batches
         # continue (bounded) until both have served some, which is the point of the test.
