@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -91,3 +92,32 @@ def test_two_workers_report_the_sum_in_one_scrape(tmp_path: Path, policy_file: P
     # A worker that shut down takes its live gauge with it; its counters stay.
     assert not list(directory.glob("gauge_liveall_*.db"))
     assert len(list(directory.glob("counter_*.db"))) == 2
+
+
+def test_one_worker_with_a_metrics_directory_set_by_the_operator(
+    tmp_path: Path, policy_file: Path
+) -> None:
+    # prometheus-client switches to files whenever the variable is set, and fails on a
+    # directory that does not exist: serve must create (and empty) it for one worker too.
+    directory = tmp_path / "not-yet"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = [*abstain_command(), "serve", "--policy", str(policy_file), "--port", str(port)]
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(directory)}
+    with running(command, tmp_path / "proxy.log", f"{base}/readyz", env):
+        assert [decision(chat(base, m)) for m in ("sure", "unsure", "unsure")] == [
+            "answer",
+            "abstain",
+            "abstain",
+        ]
+        status, exposition = http_get(f"{base}/metrics")
+    assert status == 200
+    assert sample_total(exposition, "abstain_choices_total", decision="abstain") == 2
+    assert list(directory.glob("counter_*.db"))
+
+
+def test_serve_refuses_zero_workers(capsys: pytest.CaptureFixture[str]) -> None:
+    from proxy.cli import main
+
+    assert main(["serve", "--workers", "0"]) == 2
+    assert "--workers" in capsys.readouterr().err
