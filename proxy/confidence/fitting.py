@@ -17,7 +17,7 @@ makes the log loss of one surprise infinite.
 
 Selection: :func:`cross_validate` produces out-of-fold predictions with stratified K-fold,
 :func:`select` fits every (score, calibrator) candidate that way and ranks them by held-out
-log loss or Brier score; :mod:`proxy.evaluation.selective` supplies the metrics.
+Brier score (default) or log loss; :mod:`proxy.evaluation.selective` supplies the metrics.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def _floor(n: int) -> float:
 def pav(values: npt.ArrayLike, weights: npt.ArrayLike) -> tuple[Array, Array, Array]:
     """Pool adjacent violators: the non-decreasing fit to ``values`` (in the given order).
 
-    Returns (block value, block weight, block length) per pooled block.
+    Returns (block value, block weight, block length) per pooled block; neighbouring
+    blocks always differ, so the values are strictly increasing.
     """
     v_in = np.asarray(values, dtype=np.float64)
     w_in = np.asarray(weights, dtype=np.float64)
@@ -65,8 +66,9 @@ def pav(values: npt.ArrayLike, weights: npt.ArrayLike) -> tuple[Array, Array, Ar
         vals.append(float(v))
         wts.append(float(w))
         lens.append(1)
-        # Merge backwards while the last block is below its predecessor.
-        while len(vals) > 1 and vals[-2] > vals[-1]:
+        # Merge backwards while the last block is not above its predecessor: pooling
+        # equal neighbours changes no fitted value and keeps the stored mapping short.
+        while len(vals) > 1 and vals[-2] >= vals[-1]:
             w_sum = wts[-2] + wts[-1]
             merged = (vals[-2] * wts[-2] + vals[-1] * wts[-1]) / w_sum
             vals[-2:] = [merged]
@@ -319,12 +321,12 @@ def select(
     *,
     scores: Sequence[str],
     kinds: Sequence[str] = KINDS,
-    criterion: str = "log_loss",
+    criterion: str = "brier",
     folds: int = 5,
     seed: int = 0,
     ece_bins: int = 10,
 ) -> list[tuple[Candidate, Calibrator]]:
-    """Every candidate, best first by held-out ``criterion`` (``log_loss`` or ``brier``).
+    """Every candidate, best first by held-out ``criterion`` (``brier`` or ``log_loss``).
 
     ``logistic`` in ``kinds`` adds one multi-score candidate over all ``scores``.
     """

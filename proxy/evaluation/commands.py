@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,15 @@ def add_commands(sub: Any) -> None:
     _common(cal)
     cal.add_argument("--from-log", type=Path, help="refit from a decision log with feedback")
     cal.add_argument("--base-url", default=DEFAULT_MODEL_URL, help="the model to ask")
-    cal.add_argument("--method", default="logprobs", choices=["logprobs"])
+    cal.add_argument(
+        "--method",
+        help="estimator the scores come from (default: logprobs; with --from-log, the log's)",
+    )
     cal.add_argument("--score", help=f"one score to calibrate (default: best of {SCORES})")
     cal.add_argument("--calibrators", default="isotonic,platt,histogram")
-    cal.add_argument("--select-by", default="log_loss", choices=["log_loss", "brier"])
+    # Brier by default: it weighs a miss equally wherever p lies, as threshold decisions
+    # do; log loss is dominated by the rare confident miss near p = 0, far from any t.
+    cal.add_argument("--select-by", default="brier", choices=["brier", "log_loss"])
     cal.add_argument("--folds", type=int, default=5)
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--out", type=Path, required=True, help="calibration file to write")
@@ -120,7 +126,7 @@ def _ask(args: argparse.Namespace, questions: Any, **where: Any) -> Any:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from proxy.confidence.fitting import select
+    from proxy.confidence.fitting import FITTERS, select
     from proxy.evaluation.calibrate import Labelled, build_calibration, label, ranking_table
     from proxy.evaluation.datasets import DatasetError, dataset_name
     from proxy.evaluation.decision_log import read_log
@@ -128,6 +134,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     if (args.dataset is None) == (args.from_log is None):
         return _fail("give exactly one of --dataset or --from-log")
+    kinds = [k.strip() for k in args.calibrators.split(",") if k.strip()]
+    unknown = sorted(set(kinds) - {*FITTERS, "logistic"})
+    if unknown or not kinds:
+        return _fail(f"unknown calibrators {unknown}; known: {', '.join([*FITTERS, 'logistic'])}")
+    method = args.method or "logprobs"
     if args.from_log is not None:
         try:
             logged = read_log(args.from_log, model=args.model)
@@ -136,10 +147,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print("decision log: " + ", ".join(f"{k} {v}" for k, v in sorted(logged.counts.items())))
         data = Labelled(logged.features, logged.correct)
         model = args.model or (logged.models.most_common(1)[0][0] if logged.models else None)
+        if args.method is None and logged.methods:
+            method = logged.methods.most_common(1)[0][0]
         fitted_on: dict[str, Any] = {"dataset": f"decision-log:{args.from_log.name}"}
     else:
         if not args.model:
             return _fail("--model is required with --dataset")
+        if method != "logprobs":
+            return _fail("asking a question set supports --method logprobs only")
         try:
             questions = _questions(args)
         except DatasetError as exc:
@@ -166,7 +181,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         data.features,
         data.correct,
         scores=scores,
-        kinds=[k.strip() for k in args.calibrators.split(",") if k.strip()],
+        kinds=kinds,
         criterion=args.select_by,
         folds=args.folds,
         seed=args.seed,
@@ -176,7 +191,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(ranking_table([c for c, _ in ranked], args.select_by))
     best, calibrator = ranked[0]
     calibration = build_calibration(
-        best, calibrator, method=args.method, model=model, fitted_on=fitted_on, folds=args.folds
+        best, calibrator, method=method, model=model, fitted_on=fitted_on, folds=args.folds
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     calibration.save(args.out)
@@ -212,7 +227,7 @@ async def _eval_generations(args: argparse.Namespace, questions: Any) -> tuple[s
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from proxy.evaluation.datasets import DatasetError, dataset_name
-    from proxy.evaluation.evaluate import draw_charts, evaluate
+    from proxy.evaluation.evaluate import answer_records, draw_charts, evaluate
     from proxy.evaluation.grading import get_grader
     from proxy.evaluation.reports import to_markdown, write_report
     from proxy.policy_loader import PolicyError
@@ -242,6 +257,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     print(to_markdown(report))
     paths = write_report(report, args.out)
+    answers = args.out / "answers.jsonl"
+    records = answer_records(questions, gens, get_grader(args.grader))
+    answers.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    paths.append(answers)
     if not args.no_charts:
         paths += draw_charts(
             arrays,

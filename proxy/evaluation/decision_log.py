@@ -31,6 +31,7 @@ class LoggedLabels:
     features: dict[str, npt.NDArray[np.float64]]
     correct: npt.NDArray[np.float64]
     models: Counter[str] = field(default_factory=Counter)
+    methods: Counter[str] = field(default_factory=Counter)
     counts: Counter[str] = field(default_factory=Counter)
 
 
@@ -79,7 +80,8 @@ def parse_log(lines: Iterable[str], *, model: str | None = None) -> LoggedLabels
     }
     correct = np.array([1.0 if verdicts[k] else 0.0 for k in joined])
     models = Counter(str(decisions[k].get("model")) for k in joined)
-    return LoggedLabels(features, correct, models, counts)
+    methods = Counter(str(decisions[k].get("method") or "logprobs") for k in joined)
+    return LoggedLabels(features, correct, models, methods, counts)
 
 
 def _num(value: Any) -> float:

@@ -84,6 +84,9 @@ def evaluate(
             {
                 "AUROC": selective.auroc(confidence, correct),
                 f"ECE ({ece_bins} equal-mass bins, {rel.bins_used} used)": rel.ece,
+                "ECE a perfectly calibrated model would show here": selective.ece_noise_floor(
+                    confidence, ece_bins
+                ),
                 "Brier": selective.brier(confidence, correct),
                 "AURC (area under risk-coverage)": curve.area,
                 f"coverage at ≤{target_error:g} wrong of answered": selective.coverage_at_risk(
@@ -108,6 +111,31 @@ def evaluate(
         meta=dict(meta or {}),
     )
     return report, arrays
+
+
+def answer_records(
+    questions: Sequence[Question], generations: Sequence[Generation], grader: Grader
+) -> list[dict[str, Any]]:
+    """One line per question for ``answers.jsonl``: what was said, and how it was judged."""
+    by_id = {q.id: q for q in questions}
+    out = []
+    for g in generations:
+        q = by_id[g.id]
+        a = g.abstention or {}
+        out.append(
+            {
+                "id": g.id,
+                "question": q.question,
+                "gold": list(q.answers),
+                "answer": g.text,
+                "correct": None if g.error else grader(g.text, q.answers),
+                "confidence": a.get("confidence"),
+                "decision": a.get("decision"),
+                "scores": {k: round(v, 4) for k, v in g.scores.items()},
+                "error": g.error,
+            }
+        )
+    return out
 
 
 def draw_charts(

@@ -88,25 +88,37 @@ class GenerationCache:
 
 
 class Progress:
-    """A one-line progress bar with rate and ETA, redrawn on a text stream (stderr)."""
+    """A progress line with rate and ETA on a text stream (stderr).
+
+    On a terminal the line is redrawn in place a few times a second; into a file or a
+    pipe (CI logs) it is written as a new line every tenth of the way, so a log stays
+    readable instead of holding thousands of carriage returns.
+    """
 
     def __init__(self, total: int, label: str, stream: TextIO | None) -> None:
         self.total, self.label, self.stream = total, label, stream
         self.done = self.cached = 0
         self.started = time.monotonic()
         self._drawn = 0.0
+        self._tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
+        self._next_line = 0
 
     def step(self, *, cached: bool = False) -> None:
         self.done += 1
         self.cached += cached
+        if self.stream is None:
+            return
         now = time.monotonic()
-        # Redraw at most ~5 times a second: a bar must not cost more than the work.
-        if self.stream is not None and (now - self._drawn > 0.2 or self.done == self.total):
+        last = self.done == self.total
+        if self._tty and (now - self._drawn > 0.2 or last):
             self._drawn = now
-            self.stream.write("\r" + self.render(now))
-            if self.done == self.total:
-                self.stream.write("\n")
-            self.stream.flush()
+            self.stream.write("\r" + self.render(now) + ("\n" if last else ""))
+        elif not self._tty and (self.done >= self._next_line or last):
+            self._next_line = self.done + max(1, self.total // 10)
+            self.stream.write(self.render(now) + "\n")
+        else:
+            return
+        self.stream.flush()
 
     def render(self, now: float) -> str:
         asked = self.done - self.cached

@@ -125,6 +125,25 @@ def ece(confidence: ArrayLike, correct: ArrayLike, bins: int = 10) -> float:
     return reliability_bins(confidence, correct, bins).ece
 
 
+def ece_noise_floor(
+    confidence: ArrayLike, bins: int = 10, draws: int = 400, seed: int = 0
+) -> float:
+    """The ECE a perfectly calibrated model would show, on average, with these confidences.
+
+    ECE is biased upwards on small samples: each bin's accuracy is a noisy estimate, and
+    its absolute error never averages out. Drawing labels from the confidences themselves
+    (so that calibration is perfect by construction) measures that bias; an observed ECE
+    near this floor is as good as the sample can show.
+    """
+    p = np.asarray(confidence, dtype=np.float64).ravel()
+    p = p[~np.isnan(p)]
+    if not p.size:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    draws_ = [ece(p, rng.random(p.size) < p, bins) for _ in range(draws)]
+    return float(np.mean(draws_))
+
+
 def brier(confidence: ArrayLike, correct: ArrayLike) -> float:
     """Mean squared error of the probability: mean (p − y)²."""
     p, y = _known(confidence, correct)

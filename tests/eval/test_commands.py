@@ -115,6 +115,9 @@ def test_eval_through_the_proxy_reproduces_the_known_table(
     for chart in ("reliability.png", "risk_coverage.png"):
         assert (out / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| 0.75 | 3 |" in (out / "eval.md").read_text()
+    answers = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert [a["correct"] for a in answers] == [fake_model.is_right(i) for i in range(fake_model.N)]
+    assert answers[0]["decision"] == "answer" and answers[1]["decision"] == "annotate"
 
 
 def test_eval_direct_reports_the_model_alone(dataset: Path, model_url: str, tmp_path: Path) -> None:
@@ -142,8 +145,8 @@ def _log_lines() -> list[str]:
     lines = []
     for i in range(fake_model.N):
         scores = {"min_logprob": fake_model.logprob(i), "mean_logprob": fake_model.logprob(i)}
-        lines.append(json.dumps({"type": "decision", "id": f"c{i}", "choice": 0,
-                                 "model": "m", "scores": scores}))  # fmt: skip
+        lines.append(json.dumps({"type": "decision", "id": f"c{i}", "choice": 0, "model": "m",
+                                 "method": "hybrid", "scores": scores}))  # fmt: skip
         lines.append(json.dumps({"type": "feedback", "id": f"c{i}", "choice": 0,
                                  "correct": fake_model.is_right(i)}))  # fmt: skip
     lines.append('{"type": "decision", "id": "torn')
@@ -158,9 +161,21 @@ def test_calibrate_from_a_decision_log(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(argv) == 0
     cal = load_calibration(out)
     assert cal.model == "m" and cal.fitted_on["n"] == fake_model.N
+    assert cal.method == "hybrid"
     assert (cal({"min_logprob": -0.05}) or 0) > 0.9 > 0.1 > (cal({"min_logprob": -2.0}) or 1)
     assert "malformed 1" in capsys.readouterr().out
 
 
 def test_calibrate_needs_exactly_one_source(tmp_path: Path) -> None:
     assert main(["calibrate", "--out", str(tmp_path / "x.json")]) == 2
+
+
+def test_calibrate_refuses_an_unknown_calibrator(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "decisions.jsonl"
+    log.write_text("\n".join(_log_lines()) + "\n")
+    argv = ["calibrate", "--from-log", str(log), "--calibrators", "isotonic,splines"]
+    assert main([*argv, "--out", str(tmp_path / "x.json")]) == 2
+    assert "splines" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()

@@ -82,12 +82,28 @@ async def test_server_errors_are_retried_and_client_errors_are_not(tmp_path: Pat
     assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 1  # failures not cached
 
 
-async def test_progress_bar_reports_counts_and_eta() -> None:
-    out = io.StringIO()
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def _progress(out: io.StringIO, n: int) -> str:
     await runner.ask_all(
-        _questions(3), TEMPLATE, base_url="http://m/v1", model="m",
+        _questions(n), TEMPLATE, base_url="http://m/v1", model="m",
         transport=fake_model.transport(), progress=out, label="facts",
     )  # fmt: skip
-    final = out.getvalue().rsplit("\r", 1)[-1]
+    return out.getvalue()
+
+
+async def test_progress_is_redrawn_in_place_on_a_terminal() -> None:
+    text = await _progress(_Terminal(), 3)
+    final = text.rsplit("\r", 1)[-1]
     assert final.startswith("facts [") and "3/3 (0 cached)" in final and "ETA" in final
-    assert final.endswith("\n")
+    assert final.endswith("\n") and text.count("\n") == 1
+
+
+async def test_progress_into_a_log_is_a_few_whole_lines() -> None:
+    lines = (await _progress(io.StringIO(), 40)).splitlines()
+    assert "\r" not in "".join(lines)
+    assert 2 <= len(lines) <= 12
+    assert lines[-1].startswith("facts [") and "40/40" in lines[-1]

@@ -31,6 +31,9 @@ def test_pav_pools_violators_by_hand() -> None:
     assert lengths.tolist() == [1, 2, 1]
     values, _, _ = f.pav([3.0, 2.0, 1.0], [1.0, 1.0, 2.0])
     assert values.tolist() == [pytest.approx(7 / 4)]
+    # Equal neighbours are one block: the stored mapping stays short.
+    values, _, lengths = f.pav([0.0, 0.0, 0.0, 1.0, 1.0], [1] * 5)
+    assert values.tolist() == [0.0, 1.0] and lengths.tolist() == [3, 2]
 
 
 def test_isotonic_by_hand() -> None:
@@ -136,7 +139,10 @@ def test_select_prefers_the_informative_score_and_reports_before_and_after() -> 
     best, fitted = ranked[0]
     assert best.score == "good"
     assert best.after.auroc > 0.75 > ranked[-1][0].after.auroc
-    losses = [c.criterion("log_loss") for c, _ in ranked]
+    briers = [c.criterion("brier") for c, _ in ranked]
+    assert briers == sorted(briers)  # the default criterion
+    by_loss = f.select({"good": x, "noise": noise}, y, scores=["good"], criterion="log_loss")
+    losses = [c.criterion("log_loss") for c, _ in by_loss]
     assert losses == sorted(losses)
     assert best.n == x.size and best.after.ece_bins == 10
     assert fitted({"good": 0.0}) is not None

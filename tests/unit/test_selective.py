@@ -71,6 +71,20 @@ def test_ece_of_an_overconfident_model() -> None:
     assert s.ece([0.9] * 10, [1] * 5 + [0] * 5, bins=10) == pytest.approx(0.4)
 
 
+def test_ece_noise_floor_is_zero_when_labels_are_certain() -> None:
+    assert s.ece_noise_floor([0.0, 1.0, 1.0, 0.0], bins=2) == 0.0
+
+
+def test_ece_noise_floor_shrinks_with_the_sample() -> None:
+    small = s.ece_noise_floor(np.linspace(0.05, 0.95, 40), bins=10, draws=200)
+    large = s.ece_noise_floor(np.linspace(0.05, 0.95, 4000), bins=10, draws=50)
+    assert large < 0.03 < small
+    # Deterministic for a given seed, so reports do not wobble between runs.
+    assert s.ece_noise_floor([0.3] * 50, draws=20, seed=1) == s.ece_noise_floor(
+        [0.3] * 50, draws=20, seed=1
+    )
+
+
 def test_brier_and_log_loss() -> None:
     assert s.brier([1.0, 0.5, 0.0], [1, 0, 0]) == pytest.approx(0.25 / 3)
     assert s.log_loss([0.5, 0.5], [1, 0]) == pytest.approx(math.log(2))
