@@ -41,6 +41,7 @@ models:
   slow: {{upstream: fake, keepalive_seconds: 0.2}}
   tool: {{upstream: fake}}
   alias: {{upstream: fake, upstream_model: sure}}
+  json-judged: {{upstream: fake, upstream_model: unsure, judge_json: true}}
   agree: {{upstream: fake, upstream_model: sure, method: consistency, samples: 4, adaptive: false}}
   agree-no-n: {{upstream: fake-no-n, upstream_model: sure, method: consistency, samples: 4, adaptive: false}}
   agree-adaptive: {{upstream: fake, upstream_model: sure, method: consistency, samples: 8}}

@@ -141,6 +141,11 @@ def test_json_mode_answers_pass_through_unjudged(client: TestClient) -> None:
     assert body["abstention"]["decision"] == "unjudged"
 
 
+def test_json_mode_answers_are_judged_when_the_policy_says_so(client: TestClient) -> None:
+    body = chat(client, "json-judged", response_format={"type": "json_object"}).json()
+    assert body["abstention"]["decision"] == "abstain"
+
+
 def test_models_lists_what_the_policy_routes(client: TestClient) -> None:
     r = client.get("/v1/models", headers=auth())
     ids = {m["id"] for m in r.json()["data"]}
