@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.fake_upstream import fake_upstream
 from tests.deploy.procs import write_policy
+from tests.e2e.procs import fake_upstream
 
 
 @pytest.fixture(scope="module")
 def upstream_url() -> Iterator[str]:
+    # The same fake OpenAI-compatible server the end-to-end tests use (tests/fake_server.py).
     with fake_upstream() as url:
-        yield url
+        yield url + "/v1"
 
 
 @pytest.fixture

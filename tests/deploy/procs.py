@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+
+from tests.e2e.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -37,12 +38,6 @@ def need_binary(name: str) -> str:
     if path is None:
         pytest.skip(f"{name} not found on PATH: {INSTALL_HINT}")
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def abstain_command() -> list[str]:
