@@ -73,15 +73,27 @@ def risk_coverage_chart(
     y = np.asarray(correct, dtype=np.float64)
     fig = _figure()
     ax = fig.subplots()
-    ax.plot(curve.coverage, curve.risk, color="tab:blue", linewidth=1.5, drawstyle="steps-post")
+    # Straight segments between achievable thresholds: within a tie group the expected
+    # number of errors grows linearly with coverage, so a step would misdraw it.
+    ax.plot(curve.coverage, curve.risk, color="tab:blue", linewidth=1.5, marker=".")
     ax.plot([], [], color="tab:blue", label=f"behind the proxy (AURC {curve.area:.3f})")
+    points: dict[tuple[float, float], list[str]] = {}
     for t in thresholds:
-        answered = selective.answered_at(p, t)
-        row = selective.outcome(answered, y, t)
-        cov = 1.0 - row.abstention_rate
-        if cov > 0:
-            ax.scatter([cov], [row.risk], color="tab:red", zorder=3)
-            ax.annotate(f"t={t:g}", (cov, row.risk), textcoords="offset points", xytext=(4, 4))
+        row = selective.outcome(selective.answered_at(p, t), y, t)
+        if row.abstention_rate < 1.0:
+            points.setdefault((1.0 - row.abstention_rate, row.risk), []).append(f"{t:g}")
+    for i, ((cov, risk), names) in enumerate(points.items()):
+        # Thresholds that answer the same questions share one point and one label; labels
+        # are stacked because neighbouring thresholds often land close together.
+        ax.scatter([cov], [risk], color="tab:red", zorder=3)
+        ax.annotate(
+            "t=" + ", ".join(names),
+            (cov, risk),
+            textcoords="offset points",
+            xytext=(6, 6 + 14 * i),
+            color="tab:red",
+            arrowprops={"arrowstyle": "-", "color": "tab:red", "linewidth": 0.5},
+        )
     always = float(np.mean(1.0 - y)) if y.size else float("nan")
     ax.axhline(always, color="0.6", linestyle="--", linewidth=1, label="always answer")
     ax.set_xlim(0, 1.02)
