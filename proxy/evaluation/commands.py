@@ -27,8 +27,12 @@ DEFAULT_MODEL_URL = "http://127.0.0.1:8081/v1"
 DEFAULT_CACHE = Path.home() / ".cache" / "abstain" / "generations"
 
 
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
+def _thresholds(text: str) -> list[float]:
+    values = [float(v) for v in text.split(",") if v.strip()]
+    if not values or not all(0.0 <= v < 1.0 for v in values):
+        # Checked before any question is asked: t = 1 would make a mistake infinitely dear.
+        raise argparse.ArgumentTypeError("thresholds must be in [0, 1), comma-separated")
+    return values
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -80,7 +84,7 @@ def add_commands(sub: Any) -> None:
     ev.add_argument("--upstream-url", help="point the model's upstream here (in-process)")
     ev.add_argument("--base-url", help="an already-running proxy (or, with --direct, model)")
     ev.add_argument("--direct", action="store_true", help="ask the model itself (baseline)")
-    ev.add_argument("--thresholds", type=_floats, default=[0.0, 0.5, 0.75, 0.9])
+    ev.add_argument("--thresholds", type=_thresholds, default=[0.0, 0.5, 0.75, 0.9])
     ev.add_argument("--target-error", type=float, default=0.25)
     ev.add_argument("--no-charts", action="store_true")
     ev.add_argument("--out", type=Path, required=True, help="directory for the report")

@@ -166,6 +166,16 @@ def test_calibrate_from_a_decision_log(tmp_path: Path, capsys: pytest.CaptureFix
     assert "malformed 1" in capsys.readouterr().out
 
 
+def test_eval_refuses_a_threshold_of_one_before_asking(
+    dataset: Path, model_url: str, tmp_path: Path, counter: fake_model.Counter
+) -> None:
+    argv = ["eval", "--dataset", str(dataset), "--model", "m", "--thresholds", "0.5,1"]
+    argv += ["--direct", "--base-url", model_url, "--no-cache", "--quiet"]
+    with pytest.raises(SystemExit):
+        main([*argv, "--out", str(tmp_path / "x")])
+    assert counter.requests == 0
+
+
 def test_calibrate_needs_exactly_one_source(tmp_path: Path) -> None:
     assert main(["calibrate", "--out", str(tmp_path / "x.json")]) == 2
 
@@ -179,3 +189,55 @@ def test_calibrate_refuses_an_unknown_calibrator(
     assert main([*argv, "--out", str(tmp_path / "x.json")]) == 2
     assert "splines" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.fixture
+def running_proxy(model_url: str, tmp_path: Path) -> Iterator[str]:
+    """`abstain serve`'s app on a loopback port (uvicorn in a thread), abstaining at t=0.5."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+    from prometheus_client import CollectorRegistry
+
+    from proxy.app import create_app
+    from proxy.settings import Settings
+
+    policy = tmp_path / "served.yaml"
+    policy.write_text(POLICY.replace("http://127.0.0.1:9/v1", model_url))
+    settings = Settings(policy=policy, handle_signals=False, reload_interval_seconds=0)
+    app = create_app(settings, registry=CollectorRegistry())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30  # a guard against hanging, not a timing assertion
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.started, "the proxy did not start"
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+def test_eval_against_a_running_proxy_marks_rows_it_cannot_grade(
+    dataset: Path, running_proxy: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "external"
+    argv = ["eval", "--dataset", str(dataset), "--model", "fake-model"]
+    argv += ["--base-url", running_proxy, "--out", str(out), "--no-cache", "--quiet"]
+    assert main(argv) == 0
+    report = json.loads((out / "eval.json").read_text())
+    assert report["mode"] == "external"
+    # Uncalibrated mean_logprob: exp(-0.05) = .95, exp(-0.7) = .50, exp(-2) = .14; the
+    # proxy replaced the two lower groups' answers with "I don't know." at t = 0.5.
+    assert report["metrics"]["withheld answers"] == 40
+    rows = {row["threshold"]: row for row in report["table"]}
+    assert rows[0.0]["proxy"] is None and rows[0.0]["alone"] is None
+    assert rows[0.75]["proxy"]["accuracy"] == pytest.approx(1 / 3)
+    assert rows[0.75]["proxy"]["error_rate"] == 0.0
