@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from proxy.confidence.calibration import Calibration, CalibrationError, load_calibration
 from proxy.policy import Policy, PolicyFile
+from proxy.policy_schema import reference_problems
 
 log = logging.getLogger("abstain.policy")
 
@@ -61,7 +62,10 @@ def parse_policy(text: str, path: str = "<string>", base_dir: Path | None = None
     try:
         spec = PolicyFile.model_validate(data)
     except ValidationError as exc:
-        raise PolicyError(path, _validation_problems(exc)) from None
+        found = _validation_problems(exc)
+        # Cross-references are checked after the fields; report them in this run too.
+        found += [p for p in reference_problems(data) if p not in " ".join(found)]
+        raise PolicyError(path, found) from None
 
     calibrations: dict[str, Calibration] = {}
     problems: list[str] = []

@@ -6,6 +6,7 @@ Unknown keys are errors and every model is frozen, so a loaded policy cannot dri
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -185,13 +186,31 @@ class PolicyFile(_Strict):
 
     @model_validator(mode="after")
     def _references(self) -> PolicyFile:
-        problems = [
-            f"models.{name}.upstream: no upstream named {route.upstream!r}"
-            for name, route in self.models.items()
-            if route.upstream not in self.upstreams
-        ]
-        if self.auth.default_tenant and self.auth.default_tenant not in self.tenants:
-            problems.append(f"auth.default_tenant: no tenant named {self.auth.default_tenant!r}")
+        problems = reference_problems(self.model_dump())
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def reference_problems(data: Mapping[str, Any]) -> list[str]:
+    """Names that point nowhere: a model's upstream, the default tenant.
+
+    Works on the raw mapping too, so that a file with field errors still gets its
+    dangling references reported in the same run (pydantic skips model validators then).
+    """
+
+    def mapping(value: Any) -> Mapping[str, Any]:
+        return value if isinstance(value, Mapping) else {}
+
+    upstreams, tenants = mapping(data.get("upstreams")), mapping(data.get("tenants"))
+    problems = [
+        f"models.{name}.upstream: no upstream named {route['upstream']!r}"
+        for name, route in mapping(data.get("models")).items()
+        if isinstance(route, Mapping)
+        and isinstance(route.get("upstream"), str)
+        and route["upstream"] not in upstreams
+    ]
+    default = mapping(data.get("auth")).get("default_tenant")
+    if isinstance(default, str) and default not in tenants:
+        problems.append(f"auth.default_tenant: no tenant named {default!r}")
+    return problems
