@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from proxy.confidence.consistency import Matcher, matcher_by_name, score_agreement
-from proxy.confidence.stopping import StoppingRule, agreement_cutpoint
+from proxy.confidence.stopping import StoppingRule, agreement_cutpoint, expected_final_share
 from proxy.errors import UpstreamError
 from proxy.judge import Verdict, judge
 from proxy.metrics import Metrics
@@ -142,6 +142,13 @@ class SamplingSession:
             None if self.sampling.show == "majority" else text, result.samples, self.matcher
         )
         features = {**logprob_scores, **agreement.features()}
+        if result.early_stopped and agreement.samples:
+            # Judge what the stopping rule predicted for the full budget, so the verdict
+            # and the reason sampling stopped cannot disagree.
+            budget = max(agreement.samples, result.budget - result.failures)
+            features["agreement"] = expected_final_share(
+                agreement.agreeing, agreement.samples, budget
+            )
         verdict = judge(features, self.rule, samples=result.used)
         shown = agreement.majority_answer if self.sampling.show == "majority" else None
         return verdict, shown

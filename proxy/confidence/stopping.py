@@ -2,21 +2,30 @@
 
 Samples are drawn in rounds. After each round the answer's agreement rate r (the chance
 that one more sample lands in the answer's cluster) has a Beta posterior,
-Beta(prior_agree + agreeing, prior_disagree + disagreeing). Sampling stops as soon as
-the decision the samples feed is settled:
+Beta(prior_agree + agreeing, prior_disagree + disagreeing). What the proxy finally judges
+is the share of agreeing samples over the whole budget, so the rule asks the posterior
+*predictive* question: given what came back, how likely is the full budget's share to
+end above the cut-point t? (The remaining samples' agreeing count is Beta-binomial.)
+Sampling stops as soon as that is settled:
 
-* ``above``: P(r > t) > 1 − risk, so the answer clears the cut-point t;
-* ``below``: P(r ≤ t) > 1 − risk, so it does not;
-* ``decided``: whatever the remaining samples say, the final share of agreeing samples
-  lands on the same side of t (exact, no risk);
+* ``decided``: whatever the remaining samples say, the final share lands on the same
+  side of t (exact, no risk);
+* ``above``: P(final share > t) > 1 − risk;
+* ``below``: P(final share ≤ t) > 1 − risk;
 * ``majority`` (opt-in): the leading answer is ahead by more than the samples left, so
   the majority answer cannot change.
 
-Only the first two use the risk. The majority rule fixes *which* answer wins, not
-whether it clears t, so it is off unless the caller needs just the answer (e.g. the
-policy shows the majority answer and only annotates).
+Predicting the final share rather than testing r itself matters when t is near 0 or 1:
+a calibration that needs 8 of 8 samples to agree puts t just under 1, and a test on r
+would call "below" after two agreeing samples although 8 of 8 was still likely. When
+sampling stops early, :func:`expected_final_share` is the agreement the verdict uses, so
+the decision matches what the stopping rule predicted for the full budget.
 
-t here is a cut-point on the agreement rate, not on P(correct): with a calibration,
+The majority rule fixes *which* answer wins, not whether it clears t, so it is off
+unless the caller needs just the answer (e.g. the policy shows the majority answer and
+only annotates).
+
+t here is a cut-point on the agreement share, not on P(correct): with a calibration,
 :func:`agreement_cutpoint` finds the agreement at which the calibrated probability
 crosses the policy threshold. Everything is a pure function of counts.
 """
@@ -83,6 +92,51 @@ def prob_above(
     return 1.0 - beta_cdf(threshold, prior[0] + agreeing, prior[1] + drawn - agreeing)
 
 
+def _log_beta(a: float, b: float) -> float:
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
+def prob_final_above(
+    agreeing: int,
+    drawn: int,
+    budget: int,
+    threshold: float,
+    prior: tuple[float, float] = (1.0, 1.0),
+) -> float:
+    """P(final agreeing share over ``budget`` samples > threshold), after ``drawn`` of them.
+
+    The remaining samples' agreeing count is Beta-binomial under the Beta posterior.
+    """
+    if not 0 <= agreeing <= drawn <= budget:
+        raise ValueError("need 0 <= agreeing <= drawn <= budget")
+    a, b = prior[0] + agreeing, prior[1] + drawn - agreeing
+    remaining = budget - drawn
+    # Smallest number of further agreeing samples that lifts the share above the cut.
+    needed = math.floor(threshold * budget) + 1 - agreeing
+    if needed <= 0:
+        return 1.0
+    if needed > remaining:
+        return 0.0
+    log_norm = _log_beta(a, b)
+    total = 0.0
+    for x in range(needed, remaining + 1):
+        log_choose = (
+            math.lgamma(remaining + 1) - math.lgamma(x + 1) - math.lgamma(remaining - x + 1)
+        )
+        total += math.exp(log_choose + _log_beta(x + a, remaining - x + b) - log_norm)
+    return min(1.0, total)
+
+
+def expected_final_share(
+    agreeing: int, drawn: int, budget: int, prior: tuple[float, float] = (1.0, 1.0)
+) -> float:
+    """The full budget's expected agreeing share: what was seen plus the posterior mean."""
+    if not 0 <= agreeing <= drawn <= budget or budget == 0:
+        raise ValueError("need 0 <= agreeing <= drawn <= budget, budget > 0")
+    mean = (prior[0] + agreeing) / (prior[0] + prior[1] + drawn)
+    return (agreeing + (budget - drawn) * mean) / budget
+
+
 @dataclass(frozen=True, slots=True)
 class StoppingRule:
     """When to stop drawing samples; the risk is policy-set."""
@@ -112,7 +166,7 @@ class StopCheck:
 
     stop: bool
     reason: StopReason
-    #: posterior P(agreement rate > threshold)
+    #: posterior predictive P(the full budget's agreeing share > threshold)
     p_above: float
 
 
@@ -133,20 +187,19 @@ def check(
     """
     if drawn > budget:
         raise ValueError("drawn exceeds budget")
-    p_above = prob_above(agreeing, drawn, rule.threshold, (rule.prior_agree, rule.prior_disagree))
+    prior = (rule.prior_agree, rule.prior_disagree)
+    p_above = prob_final_above(agreeing, drawn, budget, rule.threshold, prior)
     if drawn == 0:
         return StopCheck(False, "continue", p_above)
+    remaining = budget - drawn
+    # Counts, not shares, so a share exactly at t is not lost to rounding.
+    cut = rule.threshold * budget
+    if agreeing > cut or agreeing + remaining <= cut:
+        return StopCheck(True, "decided", p_above)
     if p_above > 1.0 - rule.risk:
         return StopCheck(True, "above", p_above)
     if 1.0 - p_above > 1.0 - rule.risk:
         return StopCheck(True, "below", p_above)
-    remaining = budget - drawn
-    # Counts, not shares, so a share exactly at t is not lost to rounding. When the full
-    # budget's share is settled, so is the current one (agreeing/drawn lies on the same
-    # side of t), so stopping here changes no decision.
-    cut = rule.threshold * budget
-    if agreeing > cut or agreeing + remaining <= cut:
-        return StopCheck(True, "decided", p_above)
     if rule.stop_on_settled_majority and majority - runner_up > remaining:
         return StopCheck(True, "majority", p_above)
     return StopCheck(False, "continue", p_above)

@@ -68,8 +68,11 @@ def test_show_majority_replaces_the_answer_with_the_samples_majority(client: Tes
 
 def test_adaptive_stopping_stops_early_on_unanimous_samples(client: TestClient) -> None:
     body = chat(client, "agree-adaptive")
-    # Uniform prior, risk 0.05: after 4 of 4 agreeing P(rate > 0.5) = 1 - 0.5^5 > 0.95.
+    # Uniform prior, risk 0.05, rounds of 2: after 2 of 2 the chance that more than 4 of
+    # 8 agree is 0.88, after 4 of 4 it is past 0.95.
     assert body["abstention"]["samples"] == 4
+    # The verdict reads the expected share of the full budget: (4 + 4 * 5/6) / 8.
+    assert body["abstention"]["confidence"] == pytest.approx((4 + 4 * 5 / 6) / 8, abs=1e-6)
     assert value(client, "abstain_sampling_early_stops_total", model="agree-adaptive") == 1
     assert value(client, "abstain_samples_used_sum", model="agree-adaptive") == 4
 

@@ -110,8 +110,10 @@ async def test_disagreeing_samples_stop_early_below() -> None:
     result = await draw_samples(
         upstream, "completions", COMPLETION, params, reference="Paris", stopping=T50
     )
-    assert result.early_stopped and result.used == 4
+    # 0 of 2 agree: P(at least 5 of the remaining 6 agree | Beta(1, 3)) = 1/21 < 0.05.
+    assert result.early_stopped and result.used == 2
     assert result.last_check is not None and result.last_check.reason == "below"
+    assert result.last_check.p_above == pytest.approx(1 / 21)
 
 
 async def test_split_samples_near_the_threshold_use_the_whole_budget() -> None:

@@ -13,7 +13,9 @@ from proxy.confidence.stopping import (
     agreement_cutpoint,
     beta_cdf,
     check,
+    expected_final_share,
     prob_above,
+    prob_final_above,
 )
 
 
@@ -67,9 +69,14 @@ def first_stop(rule: StoppingRule, answers: list[bool], budget: int) -> tuple[in
 
 def test_stops_early_on_unanimous_samples() -> None:
     rule = StoppingRule(threshold=0.5, risk=0.05)
-    # 1 - 0.5^4 = 0.9375 after 3 samples is not enough; 1 - 0.5^5 = 0.969 after 4 is.
-    assert first_stop(rule, [True] * 8, budget=8) == (4, "above")
-    assert first_stop(rule, [False] * 8, budget=8) == (4, "below")
+    # P(more than 4 of 8 agree) after 2 of 2 agreeing is 37/42 = 0.881 (Beta-binomial(6; 3, 1)
+    # puts 5/42 on 0..2 more); after 3 of 3 it is 0.960, past 1 - risk.
+    assert check(rule, agreeing=2, drawn=2, budget=8).p_above == pytest.approx(37 / 42)
+    assert check(rule, agreeing=3, drawn=3, budget=8).p_above == pytest.approx(0.9603, abs=1e-4)
+    assert first_stop(rule, [True] * 8, budget=8) == (3, "above")
+    # Clearing t takes strictly more than 4 of 8, so disagreement settles sooner: after
+    # 0 of 2, P(at least 5 of the remaining 6 agree | Beta(1, 3)) = 1/21 < 0.05.
+    assert first_stop(rule, [False] * 8, budget=8) == (2, "below")
 
 
 def test_a_stricter_risk_needs_more_samples() -> None:
@@ -150,6 +157,24 @@ def test_adaptive_stopping_saves_samples_on_easy_questions() -> None:
             wrong_side += 1
     assert sum(used) / len(used) <= 0.6 * 8
     assert wrong_side / len(used) <= 0.05
+
+
+def test_final_share_prediction_by_hand() -> None:
+    # 1 of 2 agreed, budget 4, t = 0.5: the share ends above 1/2 only if both remaining
+    # samples agree: Beta(2, 2) predictive, P = (2/4) * (3/5) = 0.3.
+    assert prob_final_above(1, 2, 4, 0.5) == pytest.approx(0.3)
+    assert prob_final_above(3, 4, 4, 0.5) == 1.0
+    assert prob_final_above(0, 3, 4, 0.5) == 0.0
+    assert expected_final_share(2, 2, 8) == pytest.approx((2 + 6 * 3 / 4) / 8)
+    assert expected_final_share(5, 8, 8) == pytest.approx(5 / 8)
+
+
+def test_a_cut_point_near_one_does_not_stop_below_on_unanimous_samples() -> None:
+    # A calibration that needs 8 of 8 samples to agree: testing the rate r would say
+    # "below" at once; the predicted final share keeps sampling while 8 of 8 is likely.
+    rule = StoppingRule(threshold=0.99, risk=0.05)
+    assert not check(rule, agreeing=2, drawn=2, budget=8).stop
+    assert check(rule, agreeing=3, drawn=4, budget=8).reason == "decided"
 
 
 def test_agreement_cutpoint() -> None:
