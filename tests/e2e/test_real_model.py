@@ -45,6 +45,9 @@ upstreams:
   local: {{base_url: "{model_url}", supports_n: false}}
 models:
   {local_model.MODEL_ALIAS}: {{upstream: local}}
+  # Judged by agreement among 4 extra samples; a low temperature keeps this test stable.
+  by-agreement: {{upstream: local, upstream_model: {local_model.MODEL_ALIAS}, method: consistency,
+                 samples: 4, sample_temperature: 0.3, adaptive: false, sample_max_tokens: 16}}
 defaults: {{threshold: 0.5, action: abstain, score: min_logprob}}
 auth: {{unknown_keys: default, default_tenant: demo}}
 tenants: {{demo: {{}}}}
@@ -54,9 +57,11 @@ tenants: {{demo: {{}}}}
         yield openai.OpenAI(base_url=url + "/v1", api_key="any", max_retries=0, timeout=120)
 
 
-def ask(client: openai.OpenAI, question: str) -> tuple[str, dict]:
+def ask(
+    client: openai.OpenAI, question: str, model: str = local_model.MODEL_ALIAS
+) -> tuple[str, dict]:
     r = client.completions.create(
-        model=local_model.MODEL_ALIAS,
+        model=model,
         prompt=f"{FEW_SHOT}Q: {question}\nA:",
         max_tokens=16,
         stop=["\n"],
@@ -93,3 +98,13 @@ def test_streaming_against_the_real_model(client: openai.OpenAI) -> None:
     chunks = list(stream)
     assert "Paris" in "".join(c.choices[0].text for c in chunks if c.choices)
     assert chunks[-1].model_extra["abstention"]["decision"] == "answer"
+
+
+def test_consistency_against_the_real_model(client: openai.OpenAI) -> None:
+    text, verdict = ask(client, "What is the capital of France?", model="by-agreement")
+    assert "Paris" in text
+    assert verdict["method"] == "consistency"
+    assert verdict["samples"] == 4
+    # At temperature 0.3 the model says Paris nearly every time (p > 0.99 per sample).
+    assert verdict["confidence"] >= 0.75
+    assert verdict["decision"] == "answer"
