@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from proxy.local_model import stop
 from tests.e2e.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,18 +140,7 @@ def running(
             )
         yield proc
     finally:
-        stop(proc)
-
-
-def stop(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        stop(proc, grace=15.0)
 
 
 def metric_families(exposition: str) -> dict[str, str]:

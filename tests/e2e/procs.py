@@ -13,6 +13,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from proxy.local_model import stop
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -51,12 +53,7 @@ def running(
         wait_http(ready_url, proc)
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 @contextlib.contextmanager
