@@ -111,16 +111,9 @@ class DecisionLog:
                 "time": now,
                 "tenant": tenant,
                 "model": model,
-                "method": v.method,
+                **v.to_dict(),
                 "scores": dict(v.scores),
-                "score_name": v.score_name,
-                "confidence": v.confidence,
-                "calibrated": v.calibrated,
-                "threshold": v.threshold,
-                "decision": v.decision,
             }
-            if v.samples is not None:
-                record["samples"] = v.samples
             if texts is not None:
                 record["prompt"] = texts.get("prompt")
                 answers = texts.get("answers") or []
