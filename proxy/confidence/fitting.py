@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from proxy.confidence import consistency
 from proxy.confidence.calibration import Calibrator, Histogram, Isotonic, Logistic, Platt
 from proxy.confidence.logprobs import as_probability
 from proxy.evaluation import selective
@@ -283,6 +284,14 @@ def _fitter(kind: str, names: Sequence[str]) -> Fit:
     return lambda X, y: single(X[:, 0], y, names[0])
 
 
+def _uncalibrated(name: str, value: float) -> float:
+    # The proxy's mapping without a calibration; agreement scores have their own
+    # (semantic entropy is a negated entropy, not a probability).
+    if name in consistency.SCORES:
+        return consistency.as_probability(name, value)
+    return as_probability(name, value)
+
+
 def candidate(
     kind: str,
     features: Mapping[str, npt.ArrayLike],
@@ -303,7 +312,7 @@ def candidate(
     X, y = X[keep], y[keep]
     fit = _fitter(kind, names)
     oof = cross_validate(X, y, names, fit, folds, seed)
-    raw = np.array([as_probability(names[0], float(v)) for v in X[:, 0]])
+    raw = np.array([_uncalibrated(names[0], float(v)) for v in X[:, 0]])
     cand = Candidate(
         score=names[0],
         kind=kind,

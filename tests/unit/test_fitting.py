@@ -153,3 +153,13 @@ def test_select_skips_rows_missing_the_score() -> None:
     x[:50] = np.nan
     (best, _), *_ = f.select({"s": x}, y, scores=["s"], kinds=["platt"])
     assert best.n == 150
+
+
+def test_before_maps_semantic_entropy_as_the_proxy_does_without_a_calibration() -> None:
+    # Semantic entropy is stored negated (<= 0); the logprob mapping would clip every
+    # value to 0 and report a useless "before" where the proxy ranks answers well.
+    x, y = _logistic_data(300, a=2.0, b=1.0, seed=5)
+    entropy = -np.log1p(np.exp(-x))  # negative, rising with x
+    cand, _ = f.candidate("isotonic", {"semantic_entropy": entropy}, y, names=["semantic_entropy"])
+    assert cand.before.auroc == pytest.approx(cand.after.auroc, abs=0.05)
+    assert cand.before.auroc > 0.75
