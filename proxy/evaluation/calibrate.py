@@ -1,10 +1,13 @@
 """The ``abstain calibrate`` workflow: graded answers in, a calibration file out.
 
-Answers (asked by :mod:`proxy.evaluation.runner`, or read back from the proxy's decision
-log) are turned into one array per raw score plus a right/wrong array; every requested
-(score, calibrator) pair is judged on held-out folds by :func:`proxy.confidence.fitting.select`;
-the best one, refitted on every answer, becomes the file the proxy loads. The file's
-``metrics`` are the held-out (out-of-fold) ones, never the in-sample fit.
+Answers (asked by :mod:`proxy.evaluation.runner`, with agreement features from
+:mod:`proxy.evaluation.sampled` for the sampling methods, or read back from the proxy's
+decision log) are turned into one array per raw score plus a right/wrong array; every
+requested (score, calibrator) pair is judged on held-out folds by
+:func:`proxy.confidence.fitting.select`; the best one, refitted on every answer, becomes
+the file the proxy loads. The hybrid is one logistic model over logprob and agreement
+features (:func:`fit_hybrid`). The file's ``metrics`` are the held-out (out-of-fold) ones,
+never the in-sample fit.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from proxy.confidence.calibration import Calibration, Calibrator
-from proxy.confidence.fitting import Candidate
+from proxy.confidence.calibration import Calibration, Calibrator, Logistic
+from proxy.confidence.consistency import SCORES as AGREEMENT_SCORES
+from proxy.confidence.fitting import KINDS, Candidate, candidate, select
+from proxy.confidence.logprobs import SCORES as LOGPROB_SCORES
 from proxy.evaluation.datasets import Question
 from proxy.evaluation.grading import Grader
 from proxy.evaluation.runner import Generation
+from proxy.evaluation.sampled import AGREEMENT_FEATURES, HYBRID_FEATURES, LOGPROB_FEATURES
 
 Array = npt.NDArray[np.float64]
 
@@ -40,16 +46,24 @@ class Labelled:
 
 
 def label(
-    questions: Sequence[Question], generations: Sequence[Generation], grader: Grader
+    questions: Sequence[Question],
+    generations: Sequence[Generation],
+    grader: Grader,
+    features: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Labelled:
-    """Grade every answered question and collect every score the proxy computes."""
+    """Grade every answered question and collect every score the proxy computes.
+
+    ``features`` (by question id) replaces each answer's logprob scores, for scores that
+    need more than the answer (agreement with samples); an answer without an entry there
+    is left out and counted as failed.
+    """
     gold = {q.id: q.answers for q in questions}
-    ok = [g for g in generations if g.error is None]
-    scores = [g.scores for g in ok]
+    ok = [g for g in generations if g.error is None and (features is None or g.id in features)]
+    scores = [g.scores if features is None else features[g.id] for g in ok]
     names = sorted({n for s in scores for n in s})
-    features = {n: np.array([s.get(n, np.nan) for s in scores], dtype=np.float64) for n in names}
+    columns = {n: np.array([s.get(n, np.nan) for s in scores], dtype=np.float64) for n in names}
     correct = np.array([1.0 if grader(g.text, gold[g.id]) else 0.0 for g in ok])
-    return Labelled(features, correct, failed=len(generations) - len(ok))
+    return Labelled(columns, correct, failed=len(generations) - len(ok))
 
 
 def build_calibration(
@@ -80,21 +94,117 @@ def build_calibration(
     )
 
 
+def unfit_reason(data: Labelled, names: Sequence[str], folds: int) -> str | None:
+    """Why ``names`` cannot be fitted on ``data`` with ``folds`` folds, or None if they can."""
+    missing = [n for n in names if n not in data.features]
+    if missing or not names:
+        return f"no score {missing or list(names)} in the {data.n} labelled answers"
+    X = np.column_stack([data.features[n] for n in names])
+    y = data.correct[~np.isnan(X).any(axis=1)]
+    if y.size < 2 * folds or len(np.unique(y)) < 2:
+        return f"{y.size} labelled answers with {', '.join(names)}, {int(y.sum())} right"
+    return None
+
+
+def fit_hybrid(
+    data: Labelled, *, folds: int, seed: int, ece_bins: int
+) -> list[tuple[Candidate, Calibrator]]:
+    """The hybrid logistic model first, then the same model on each half of its features.
+
+    The halves are there to be printed beside it: they show what each kind of evidence
+    adds, and a hybrid that does no better than a half says the samples (or the matcher)
+    carry little the other half lacks.
+    """
+    options = {"folds": folds, "seed": seed, "ece_bins": ece_bins}
+    return [
+        candidate("logistic", data.features, data.correct, names=names, **options)
+        for names in (HYBRID_FEATURES, LOGPROB_FEATURES, AGREEMENT_FEATURES)
+    ]
+
+
+#: The scores each method's calibration chooses among (the hybrid has fixed inputs).
+METHOD_SCORES = {"logprobs": LOGPROB_SCORES, "consistency": AGREEMENT_SCORES}
+
+
+def fit_method(
+    data: Labelled,
+    method: str,
+    *,
+    score: str | None = None,
+    kinds: Sequence[str] = KINDS,
+    criterion: str = "brier",
+    folds: int = 5,
+    seed: int = 0,
+    ece_bins: int = 10,
+) -> list[tuple[Candidate, Calibrator]]:
+    """Candidates for ``method``'s calibration, the one to write first.
+
+    ``hybrid`` (without ``score``) is :func:`fit_hybrid`; otherwise every (score,
+    calibrator) pair, the scores being ``score`` or those of the method that ``data`` can
+    fit, ranked by :func:`~proxy.confidence.fitting.select`. ``ValueError`` says why
+    nothing can be fitted.
+    """
+    if method == "hybrid" and not score:
+        problem = unfit_reason(data, HYBRID_FEATURES, folds)
+        if problem:
+            raise ValueError(problem)
+        return fit_hybrid(data, folds=folds, seed=seed, ece_bins=ece_bins)
+    wanted = [score] if score else list(METHOD_SCORES.get(method, LOGPROB_SCORES))
+    problems = {s: unfit_reason(data, [s], folds) for s in wanted}
+    fittable = [s for s, problem in problems.items() if problem is None]
+    if not fittable:
+        raise ValueError(next(p for p in problems.values() if p))
+    return select(
+        data.features,
+        data.correct,
+        scores=fittable,
+        kinds=kinds,
+        criterion=criterion,
+        folds=folds,
+        seed=seed,
+        ece_bins=ece_bins,
+    )
+
+
+def hybrid_warning(calibrator: Logistic) -> str | None:
+    """A warning when more agreement among samples would *lower* the hybrid's P(correct)."""
+    # The agreement features rise together (more agreement, less entropy), so their
+    # weights are judged together: collinear features may split one effect into a
+    # positive and a negative part, which is harmless while the sum stays positive.
+    pairs = zip(calibrator.features, calibrator.weights, strict=True)
+    total = sum(w for n, w in pairs if n in AGREEMENT_FEATURES)
+    if total > 0:
+        return None
+    return (
+        f"the agreement features' weights sum to {total:+.2f}: with the logprob features "
+        "fixed, agreeing samples lower P(correct). The matcher may be splitting answers "
+        "that state the same thing (a full sentence against a short answer); try "
+        "--matcher embedding"
+    )
+
+
+def weights_line(calibrator: Logistic) -> str:
+    """A logistic model's weights on standardised features, comparable with each other."""
+    pairs = zip(calibrator.features, calibrator.weights, strict=True)
+    return "weights (standardised): " + ", ".join(f"{n} {w:+.2f}" for n, w in pairs)
+
+
 def ranking_table(ranked: Sequence[Candidate], criterion: str) -> str:
     """Every candidate's held-out metrics before → after calibration, best first."""
+    names = [c.score if not c.features else "+".join(c.features) for c in ranked]
+    width = max([14, *map(len, names)])
     head = (
-        f"{'score':<14} {'calibrator':<10} {'n':>5}  {'AUROC':>13}  {'ECE':>13}  "
+        f"{'score':<{width}} {'calibrator':<10} {'n':>5}  {'AUROC':>13}  {'ECE':>13}  "
         f"{'Brier':>13}  {'log loss':>13}"
     )
     lines = [head, "-" * len(head)]
-    for c in ranked:
+    for c, name in zip(ranked, names, strict=True):
 
-        def pair(name: str, c: Candidate = c) -> str:
-            return f"{getattr(c.before, name):6.3f}→{getattr(c.after, name):6.3f}"
+        def pair(metric: str, c: Candidate = c) -> str:
+            return f"{getattr(c.before, metric):6.3f}→{getattr(c.after, metric):6.3f}"
 
-        name = c.score if not c.features else "+".join(c.features)
         lines.append(
-            f"{name:<14} {c.kind:<10} {c.n:>5}  {pair('auroc')}  {pair('ece')}  "
+            f"{name:<{width}} {c.kind:<10} {c.n:>5}  {pair('auroc')}  {pair('ece')}  "
             f"{pair('brier')}  {pair('log_loss')}"
         )
     first = ranked[0].after.ece_bins if ranked else 0

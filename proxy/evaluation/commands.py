@@ -4,12 +4,16 @@
 
     abstain calibrate --dataset FILE --model NAME [--base-url URL] [--score NAME]
                       [--calibrators isotonic,platt,histogram] --out FILE
+    abstain calibrate --dataset FILE --model NAME --method consistency|hybrid
+                      [--samples 8] [--temperature 0.7] [--matcher exact|numeric|embedding]
+                      [--embedding-threshold 0.8] --out FILE
     abstain calibrate --from-log PATH [--model NAME] [--score NAME] --out FILE
     abstain eval --dataset FILE --model NAME [--policy FILE | --base-url URL | --direct]
                  [--thresholds 0,0.5,0.75,0.9] --out DIR
 
-The work lives in :mod:`~proxy.evaluation.calibrate`, :mod:`~proxy.evaluation.evaluate`
-and :mod:`~proxy.evaluation.runner`; this module only wires them to the command line.
+The work lives in :mod:`~proxy.evaluation.calibrate`, :mod:`~proxy.evaluation.evaluate`,
+:mod:`~proxy.evaluation.runner` and :mod:`~proxy.evaluation.sampled`; this module only
+wires them to the command line.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from proxy.confidence.logprobs import SCORES
+from proxy.confidence.consistency import MATCHERS
+
+METHODS = ("logprobs", "consistency", "hybrid")
 
 DEFAULT_MODEL_URL = "http://127.0.0.1:8081/v1"
 DEFAULT_CACHE = Path.home() / ".cache" / "abstain" / "generations"
@@ -33,6 +39,33 @@ def _thresholds(text: str) -> list[float]:
         # Checked before any question is asked: t = 1 would make a mistake infinitely dear.
         raise argparse.ArgumentTypeError("thresholds must be in [0, 1), comma-separated")
     return values
+
+
+def _within(kind: type[float] | type[int], low: float, high: float) -> Any:
+    def parse(text: str) -> float | int:
+        value = kind(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must lie in [{low}, {high}]")
+        return value
+
+    return parse
+
+
+def _sampling(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling, for --method consistency and hybrid")
+    samples_help = "extra samples per question (the policy's samples)"
+    g.add_argument("--samples", type=_within(int, 1, 64), default=8, help=samples_help)
+    # Above 0: at temperature 0 every sample would repeat the greedy answer.
+    temperature_help = "sampling temperature (the policy's sample_temperature)"
+    g.add_argument(
+        "--temperature", type=_within(float, 0.01, 2.0), default=0.7, help=temperature_help
+    )
+    g.add_argument("--matcher", default="exact", choices=MATCHERS)
+    threshold_help = "cosine at which the embedding matcher merges answers (default 0.8)"
+    g.add_argument("--embedding-threshold", type=_within(float, -1, 1), help=threshold_help)
+    g.add_argument("--use-n", action="store_true", help="ask for every sample in one request")
+    cache_help = "sample cache (default ~/.cache/abstain/consistency, the benchmark's too)"
+    g.add_argument("--samples-cache-dir", type=Path, help=cache_help)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -65,16 +98,23 @@ def add_commands(sub: Any) -> None:
     cal.add_argument("--base-url", default=DEFAULT_MODEL_URL, help="the model to ask")
     cal.add_argument(
         "--method",
-        help="estimator the scores come from (default: logprobs; with --from-log, the log's)",
+        choices=METHODS,
+        help="estimator the scores come from (default: logprobs; with --from-log, the log's); "
+        "hybrid fits one logistic model over logprob and agreement features",
     )
-    cal.add_argument("--score", help=f"one score to calibrate (default: best of {SCORES})")
-    cal.add_argument("--calibrators", default="isotonic,platt,histogram")
+    cal.add_argument(
+        "--score", help="one score to calibrate (default: the best of the method's scores)"
+    )
+    cal.add_argument(
+        "--calibrators", default="isotonic,platt,histogram", help="not for hybrid (logistic)"
+    )
     # Brier by default: it weighs a miss equally wherever p lies, as threshold decisions
     # do; log loss is dominated by the rare confident miss near p = 0, far from any t.
     cal.add_argument("--select-by", default="brier", choices=["brier", "log_loss"])
     cal.add_argument("--folds", type=int, default=5)
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--out", type=Path, required=True, help="calibration file to write")
+    _sampling(cal)
     cal.set_defaults(func=cmd_calibrate)
 
     ev = sub.add_parser("eval", help="the abstain/right/wrong table, metrics and charts")
@@ -127,14 +167,68 @@ def _ask(args: argparse.Namespace, questions: Any, **where: Any) -> Any:
     )
 
 
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from proxy.confidence.fitting import FITTERS, select
-    from proxy.evaluation.calibrate import Labelled, build_calibration, label, ranking_table
+def _from_dataset(args: argparse.Namespace, method: str) -> Any:
+    """(labelled answers, fitted_on) from asking the question set, or an error message."""
+    from proxy.confidence.embedding import EmbeddingUnavailable
+    from proxy.evaluation import sampled
+    from proxy.evaluation.calibrate import label
     from proxy.evaluation.datasets import DatasetError, dataset_name
-    from proxy.evaluation.decision_log import read_log
     from proxy.evaluation.grading import get_grader
+    from proxy.evaluation.prompts import get_template
+
+    matcher = None
+    try:
+        questions = _questions(args)
+        if method != "logprobs":
+            # Loaded before anything is asked: a missing extra fails now, not after an
+            # hour of sampling. One torch thread was 2.5x faster than torch's default on a
+            # small shared host (proxy.confidence.embedding); this command owns its process.
+            matcher = sampled.load_matcher(args.matcher, args.embedding_threshold, torch_threads=1)
+    except (DatasetError, EmbeddingUnavailable) as exc:
+        return str(exc)
+    name = dataset_name(args.dataset)
+    gens = asyncio.run(_ask(args, questions, base_url=args.base_url))
+    fitted_on: dict[str, Any] = {"dataset": name, "split": args.split}
+    if args.split != "all":
+        fitted_on.update(held_out_fraction=args.held_out_fraction, split_seed=args.split_seed)
+    fitted_on.update(template=args.template, grader=args.grader)
+    features = None
+    if matcher is not None:
+        where = args.samples_cache_dir or sampled.SAMPLE_CACHE_DIR
+        cache = None if args.no_cache else sampled.sample_cache_path(where, name, args.model)
+        features, drawn_with = sampled.sample_features(
+            questions,
+            gens,
+            get_template(args.template),
+            sampled.sampling_params(args.temperature, args.samples, use_n=args.use_n),
+            matcher,
+            model=args.model,
+            base_url=args.base_url,
+            cache=sampled.SampleCache(cache),
+            concurrency=args.concurrency,
+            max_tokens=args.max_tokens,
+            api_key=args.api_key,
+            progress=None if args.quiet else sys.stderr,
+        )
+        fitted_on.update(drawn_with)
+    data = label(questions, gens, get_grader(args.grader), features)
+    if data.failed:
+        print(f"warning: {data.failed} questions failed and were left out", file=sys.stderr)
+    return data, fitted_on
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from proxy.confidence.calibration import Logistic
+    from proxy.confidence.fitting import FITTERS
+    from proxy.evaluation.calibrate import (
+        Labelled,
+        build_calibration,
+        fit_method,
+        hybrid_warning,
+        ranking_table,
+        weights_line,
+    )
+    from proxy.evaluation.decision_log import read_log
 
     if (args.dataset is None) == (args.from_log is None):
         return _fail("give exactly one of --dataset or --from-log")
@@ -142,6 +236,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     unknown = sorted(set(kinds) - {*FITTERS, "logistic"})
     if unknown or not kinds:
         return _fail(f"unknown calibrators {unknown}; known: {', '.join([*FITTERS, 'logistic'])}")
+    if args.method == "hybrid" and args.score:
+        return _fail("--method hybrid fits one logistic model over fixed features; drop --score")
     method = args.method or "logprobs"
     if args.from_log is not None:
         try:
@@ -157,49 +253,37 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         if not args.model:
             return _fail("--model is required with --dataset")
-        if method != "logprobs":
-            return _fail("asking a question set supports --method logprobs only")
-        try:
-            questions = _questions(args)
-        except DatasetError as exc:
-            return _fail(str(exc))
-        gens = asyncio.run(_ask(args, questions, base_url=args.base_url))
-        data = label(questions, gens, get_grader(args.grader))
-        model = args.model
-        fitted_on = {
-            "dataset": dataset_name(args.dataset),
-            "split": args.split,
-            "template": args.template,
-            "grader": args.grader,
-        }
-        if data.failed:
-            print(f"warning: {data.failed} requests failed and were left out", file=sys.stderr)
-    scores = [args.score] if args.score else [s for s in SCORES if s in data.features]
-    missing = [s for s in scores if s not in data.features]
-    if missing or data.n < 2 * args.folds or len(np.unique(data.correct)) < 2:
-        return _fail(
-            f"cannot fit: {data.n} labelled answers, {int(data.correct.sum())} right"
-            + (f", no score {missing}" if missing else "")
+        asked = _from_dataset(args, method)
+        if isinstance(asked, str):
+            return _fail(asked)
+        (data, fitted_on), model = asked, args.model
+    try:
+        ranked = fit_method(
+            data,
+            method,
+            score=args.score,
+            kinds=kinds,
+            criterion=args.select_by,
+            folds=args.folds,
+            seed=args.seed,
+            ece_bins=args.ece_bins,
         )
-    ranked = select(
-        data.features,
-        data.correct,
-        scores=scores,
-        kinds=kinds,
-        criterion=args.select_by,
-        folds=args.folds,
-        seed=args.seed,
-        ece_bins=args.ece_bins,
-    )
+    except ValueError as exc:
+        return _fail(f"cannot fit: {exc}")
     print(f"{data.n} labelled answers, {int(data.correct.sum())} right")
     print(ranking_table([c for c, _ in ranked], args.select_by))
     best, calibrator = ranked[0]
+    if method == "hybrid" and isinstance(calibrator, Logistic):
+        print(f"hybrid {weights_line(calibrator)}")
+        warning = hybrid_warning(calibrator)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     calibration = build_calibration(
         best, calibrator, method=method, model=model, fitted_on=fitted_on, folds=args.folds
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     calibration.save(args.out)
-    print(f"wrote {args.out}: {best.kind} on {best.score}")
+    print(f"wrote {args.out}: {best.kind} on {'+'.join(best.features) or best.score}")
     return 0
 
 

@@ -11,6 +11,12 @@ So half the answers are right; a calibrated min-logprob score puts the first gro
 P = 1, the coin flips near 0.5 and the guesses near 0; at t = 0.75 the proxy should
 answer exactly the first group. Served as an ``httpx.MockTransport`` handler and, for
 tests that go through the command line, by a small threaded HTTP server on loopback.
+
+Samples (temperature > 0) follow :func:`sample_text`, the j-th sample of a question
+cycling through a short list: on the questions it knows the samples agree (in varied
+spellings that normalise alike); on the guesses they split four ways; on the coin flips
+half say the right city, so a right greedy answer agrees with 4 of 8 samples and a wrong
+one with 2 of 8. Agreement thus separates the coin flips that logprobs cannot.
 """
 
 from __future__ import annotations
@@ -55,11 +61,32 @@ def logprob(i: int) -> float:
     return {0: -0.05, 1: -2.0, 2: -0.7}[i % 3]
 
 
-def completion(body: dict[str, Any]) -> dict[str, Any]:
-    """The completion the fake model gives for a request body."""
+def answer(i: int) -> str:
+    """The greedy answer to question ``i``."""
+    return f"City{i}" if is_right(i) else "Atlantis"
+
+
+def sample_text(i: int, j: int) -> str:
+    """The ``j``-th sample (0-based) drawn for question ``i``."""
+    if i % 3 == 0:
+        cycle = [f"City{i}", f"city{i}.", f"CITY{i}"]
+    elif i % 3 == 1:
+        cycle = ["Atlantis", "Lemuria", "Avalon", "El Dorado"]
+    else:
+        cycle = [f"City{i}", "Atlantis", f"City{i}", "Lemuria"]
+    return cycle[j % len(cycle)]
+
+
+def completion(body: dict[str, Any], draw: int = 0) -> dict[str, Any]:
+    """The completion for a request body; ``draw`` numbers the question's samples."""
     match = _QUESTION.search(str(body.get("prompt", "")))
     i = int(match.group(1)) if match else -1
-    tokens = [" City", str(i)] if i >= 0 and is_right(i) else [" Atl", "antis"]
+    if i >= 0 and float(body.get("temperature") or 0.0) > 0.0:
+        tokens = [" " + sample_text(i, draw)]
+    elif i >= 0 and is_right(i):
+        tokens = [" City", str(i)]
+    else:
+        tokens = [" Atl", "antis"]
     lp = logprob(i) if i >= 0 else -3.0
     return {
         "id": f"cmpl-{i}",
@@ -81,24 +108,36 @@ def completion(body: dict[str, Any]) -> dict[str, Any]:
 
 
 class Counter:
-    """How many requests the fake model has served."""
+    """How many requests the fake model has served, and samples per prompt."""
 
     def __init__(self) -> None:
         self.requests = 0
+        self.sampled = 0
+        self._draws: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def hit(self) -> None:
+    def hit(self, body: dict[str, Any]) -> int:
+        """Count a request; the number of earlier samples of its prompt (0 when greedy)."""
         with self._lock:
             self.requests += 1
+            if not float(body.get("temperature") or 0.0) > 0.0:
+                return 0
+            self.sampled += 1
+            prompt = str(body.get("prompt"))
+            draw = self._draws.get(prompt, 0)
+            self._draws[prompt] = draw + 1
+            return draw
 
 
 def transport(counter: Counter | None = None) -> httpx.MockTransport:
+    seen = counter or Counter()
+
     def handle(request: httpx.Request) -> httpx.Response:
-        if counter is not None:
-            counter.hit()
         if not request.url.path.endswith("/completions"):
+            seen.hit({})
             return httpx.Response(404, json={"error": {"message": "not here"}})
-        return httpx.Response(200, json=completion(json.loads(request.content)))
+        body = json.loads(request.content)
+        return httpx.Response(200, json=completion(body, seen.hit(body)))
 
     return httpx.MockTransport(handle)
 
@@ -106,14 +145,13 @@ def transport(counter: Counter | None = None) -> httpx.MockTransport:
 @contextmanager
 def serve(counter: Counter | None = None) -> Iterator[str]:
     """Run the fake model on a free loopback port; yields its ``/v1`` base URL."""
+    seen = counter or Counter()
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            if counter is not None:
-                counter.hit()
             length = int(self.headers.get("content-length") or 0)
             body = json.loads(self.rfile.read(length) or b"{}")
-            payload = json.dumps(completion(body)).encode()
+            payload = json.dumps(completion(body, seen.hit(body))).encode()
             self.send_response(200)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(payload)))
