@@ -189,8 +189,11 @@ def weights_line(calibrator: Logistic) -> str:
     return "weights (standardised): " + ", ".join(f"{n} {w:+.2f}" for n, w in pairs)
 
 
-def ranking_table(ranked: Sequence[Candidate], criterion: str) -> str:
-    """Every candidate's held-out metrics before → after calibration, best first."""
+def ranking_table(ranked: Sequence[Candidate], criterion: str | None) -> str:
+    """Every candidate's held-out metrics before → after calibration, best first.
+
+    ``criterion=None``: the rows are in a fixed order, the first the one written (hybrid).
+    """
     names = [c.score if not c.features else "+".join(c.features) for c in ranked]
     width = max([14, *map(len, names)])
     head = (
@@ -210,6 +213,7 @@ def ranking_table(ranked: Sequence[Candidate], criterion: str) -> str:
     first = ranked[0].after.ece_bins if ranked else 0
     lines.append(
         f"held-out = out-of-fold; before = the proxy's uncalibrated mapping of the raw score; "
-        f"ECE over {first} equal-mass bins; ranked by held-out {criterion}."
+        f"ECE over {first} equal-mass bins; "
+        + (f"ranked by held-out {criterion}." if criterion else "the first row is written.")
     )
     return "\n".join(lines)

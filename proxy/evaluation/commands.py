@@ -271,7 +271,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(f"cannot fit: {exc}")
     print(f"{data.n} labelled answers, {int(data.correct.sum())} right")
-    print(ranking_table([c for c, _ in ranked], args.select_by))
+    # The hybrid is written whatever its rank: the rows after it show each half alone.
+    criterion = None if method == "hybrid" and not args.score else args.select_by
+    print(ranking_table([c for c, _ in ranked], criterion))
     best, calibrator = ranked[0]
     if method == "hybrid" and isinstance(calibrator, Logistic):
         print(f"hybrid {weights_line(calibrator)}")

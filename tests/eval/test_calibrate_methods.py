@@ -108,6 +108,7 @@ def test_hybrid_fits_one_logistic_model_over_both_kinds_of_feature(
     assert _features(2)["mean_logprob"] == _features(5)["mean_logprob"]
     out, err = capsys.readouterr()
     assert "hybrid weights (standardised): mean_logprob" in out
+    assert "the first row is written" in out  # hybrid first, whatever its rank
     assert "warning" not in err
 
 
