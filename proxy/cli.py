@@ -94,6 +94,8 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
         return 1
     tenants = len(policy.spec.tenants)
     print(f"{args.file}: OK ({len(policy.model_names)} models, {tenants} tenants)")
+    for warning in policy.warnings():
+        print(f"{args.file}: warning: {warning}")
     return 0
 
 

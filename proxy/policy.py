@@ -127,6 +127,22 @@ class Policy:
     def model_names(self) -> list[str]:
         return list(self._routes)
 
+    def warnings(self) -> list[str]:
+        """Rules that apply a calibration to features it was not fitted on.
+
+        A calibration of agreement features is only valid for the sampling it was fitted
+        with (its file records the matcher, temperature and budget); a rule that samples
+        differently, or a method that does not produce the calibrated score, makes its
+        P(correct) meaningless. Not errors: a user may mean it, but should know.
+        """
+        found = []
+        for tenant in (None, *self.spec.tenants):
+            for model in self._routes:
+                rule = self.rule(tenant, model)
+                where = f"models.{model}" + (f" for tenant {tenant}" if tenant else "")
+                found += [f"{where}: {w}" for w in calibration_mismatches(rule)]
+        return sorted(set(found))
+
     def tenant_for(self, api_key: str | None) -> str | None:
         """The tenant owning ``api_key``; the default tenant or None when unknown.
 
@@ -207,6 +223,37 @@ class Policy:
         )
         self._rules[key] = rule
         return rule
+
+
+#: Calibration-file ``fitted_on`` keys that a rule's sampling must match.
+_FITTED_SAMPLING = {
+    "samples": "samples",
+    "sample_temperature": "temperature",
+    "matcher": "matcher",
+    "embedding_threshold": "embedding_threshold",
+}
+
+
+def calibration_mismatches(rule: Rule) -> list[str]:
+    """How ``rule`` differs from what its calibration was fitted on (empty when it fits)."""
+    cal = rule.calibration
+    if cal is None:
+        return []
+    problems = []
+    sampled = cal.method in ("consistency", "hybrid")
+    if sampled != (rule.method in ("consistency", "hybrid")) or (
+        cal.method == "hybrid" and rule.method != "hybrid"
+    ):
+        problems.append(f"method {rule.method} with a calibration fitted for {cal.method}")
+    if sampled and rule.sampling is not None:
+        for key, attr in _FITTED_SAMPLING.items():
+            fitted = cal.fitted_on.get(key)
+            if key == "embedding_threshold" and rule.sampling.matcher != "embedding":
+                continue
+            mine = getattr(rule.sampling, attr)
+            if fitted is not None and fitted != mine:
+                problems.append(f"{key} is {mine!r} but the calibration was fitted with {fitted!r}")
+    return problems
 
 
 def decide(p_correct: float | None, rule: Rule) -> Decision:

@@ -116,6 +116,11 @@ def _stamp(path: Path) -> _Stamp | None:
     return _Stamp(st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+def _log_warnings(policy: Policy) -> None:
+    for warning in policy.warnings():
+        log.warning("%s: %s", policy.source, warning)
+
+
 class PolicyStore:
     """The policy in force, and its reload.
 
@@ -129,6 +134,7 @@ class PolicyStore:
         self._stamp = _stamp(self.path)
         self.current: Policy = load_policy(self.path)
         self.last_error: str | None = None
+        _log_warnings(self.current)
 
     def reload(self) -> bool:
         """Load the file again; keep the old policy if the new one is broken."""
@@ -144,6 +150,7 @@ class PolicyStore:
         self._stamp = stamp
         self.current = policy
         self.last_error = None
+        _log_warnings(policy)
         log.info("policy reloaded from %s", self.path)
         self._on_reload("success")
         return True

@@ -112,3 +112,53 @@ def test_penalty_is_t_over_one_minus_t() -> None:
     assert penalty(0.5) == 1
     assert penalty(0.75) == 3
     assert penalty(0.9) == pytest.approx(9)
+
+
+def _hybrid_calibration(tmp_path: Path) -> None:
+    cal = {
+        "format": "abstain-calibration/1",
+        "method": "hybrid",
+        "score": "mean_logprob",
+        "calibrator": {"kind": "logistic", "features": ["mean_logprob", "agreement"],
+                       "weights": [1.0, 1.0], "bias": 0.0},
+        "fitted_on": {"samples": 8, "sample_temperature": 0.7, "matcher": "embedding",
+                      "embedding_threshold": 0.7},
+    }  # fmt: skip
+    (tmp_path / "hybrid.json").write_text(json.dumps(cal))
+
+
+def test_a_rule_that_samples_as_its_calibration_was_fitted_has_no_warning(tmp_path: Path) -> None:
+    _hybrid_calibration(tmp_path)
+    route = ("m: {upstream: up, method: hybrid, calibration: hybrid.json, samples: 8, "
+             "sample_temperature: 0.7, matcher: embedding, embedding_threshold: 0.7}")  # fmt: skip
+    (tmp_path / "p.yaml").write_text(BASE.replace("m: {upstream: up, threshold: 0.6}", route))
+    assert load_policy(tmp_path / "p.yaml").warnings() == []
+
+
+def test_calibration_mismatches_are_warned_about(tmp_path: Path) -> None:
+    _hybrid_calibration(tmp_path)
+    route = "m: {upstream: up, method: hybrid, calibration: hybrid.json, matcher: exact}"
+    wrong_method = "other: {upstream: up, calibration: hybrid.json}"
+    text = BASE.replace("m: {upstream: up, threshold: 0.6}", route).replace(
+        "other: {upstream: up, upstream_model: real-name}", wrong_method
+    )
+    (tmp_path / "p.yaml").write_text(text)
+    warnings = "\n".join(load_policy(tmp_path / "p.yaml").warnings())
+    assert (
+        "models.m: matcher is 'exact' but the calibration was fitted with 'embedding'" in warnings
+    )
+    assert "models.m: sample_temperature is 1.0 but the calibration was fitted with 0.7" in warnings
+    assert "models.other: method logprobs with a calibration fitted for hybrid" in warnings
+    assert "embedding_threshold" not in warnings  # irrelevant to the exact matcher
+
+
+def test_check_policy_prints_warnings_but_passes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from proxy.cli import main
+
+    _hybrid_calibration(tmp_path)
+    route = "m: {upstream: up, method: hybrid, calibration: hybrid.json, matcher: exact}"
+    (tmp_path / "p.yaml").write_text(BASE.replace("m: {upstream: up, threshold: 0.6}", route))
+    assert main(["check-policy", str(tmp_path / "p.yaml")]) == 0
+    assert "warning: models.m: matcher is 'exact'" in capsys.readouterr().out
