@@ -24,7 +24,9 @@ from proxy.policy_loader import PolicyError, load_policy
 DEFAULT_POLICY = Path("policies/default.yaml")
 
 
-def _uvicorn_config(app: Any, host: str, port: int, log_level: str) -> Any:
+def _uvicorn_config(
+    app: Any, host: str, port: int, log_level: str, graceful_seconds: int = 30
+) -> Any:
     import uvicorn
 
     return uvicorn.Config(
@@ -36,7 +38,9 @@ def _uvicorn_config(app: Any, host: str, port: int, log_level: str) -> Any:
         # The fast event loop and parser when installed; plain asyncio/h11 otherwise.
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
         http="httptools" if importlib.util.find_spec("httptools") else "h11",
-        timeout_graceful_shutdown=30,
+        # Drain in-flight requests and streams on SIGTERM (Kubernetes sizes its grace
+        # period to match: ABSTAIN_GRACEFUL_SHUTDOWN_SECONDS).
+        timeout_graceful_shutdown=graceful_seconds,
     )
 
 
@@ -69,7 +73,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, port, log_level = settings.host, settings.port, settings.log_level
     # Built first with the factory's import string: uvicorn.Config reads WEB_CONCURRENCY
     # when --workers is not given, and several workers need an import string anyway.
-    config = _uvicorn_config(multiprocess.APP_FACTORY, host, port, log_level)
+    graceful = settings.graceful_shutdown_seconds
+    config = _uvicorn_config(multiprocess.APP_FACTORY, host, port, log_level, graceful)
     if args.workers is not None:
         if args.workers < 1:
             print("--workers must be at least 1", file=sys.stderr)
@@ -81,7 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Set by the operator for a single worker: the directory must exist and be empty.
         multiprocess.prepare_directory(os.environ)
     app = _build_app(settings.policy, host, port)
-    server = uvicorn.Server(_uvicorn_config(app, host, port, log_level))
+    server = uvicorn.Server(_uvicorn_config(app, host, port, log_level, graceful))
     server.run()
     return 0
 

@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     #: install the SIGHUP handler (only possible in the main thread)
     handle_signals: bool = True
     log_level: str = "info"
+    #: on SIGTERM, how long in-flight requests and streams may take to finish
+    graceful_shutdown_seconds: int = Field(30, ge=0)
     #: JSON Lines decision log (and feedback records); None keeps no log file
     decision_log: Path | None = None
     #: how many recent responses are remembered so that feedback can find them
