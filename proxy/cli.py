@@ -106,18 +106,19 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
 
 def _banner(host: str, port: int, model: str) -> str:
     base = f"http://{host}:{port}/v1"
+    prompt = "Q: What is the capital of Italy?\\nA: Rome\\nQ: What is the capital of France?\\nA:"
     return f"""
 abstain-proxy is ready at {base}
 
   from openai import OpenAI
   client = OpenAI(base_url="{base}", api_key="unused")
   r = client.completions.create(model="{model}", max_tokens=16, stop=["\\n"],
-      prompt="Q: What is the capital of Italy?\\nA: Rome\\nQ: What is the capital of France?\\nA:")
+      prompt="{prompt}")
   print(r.choices[0].text, r.model_extra["abstention"])
 
   curl {base}/completions -H 'content-type: application/json' \\
     -d '{{"model": "{model}", "max_tokens": 8, "stop": ["\\n"],
-         "prompt": "Q: What is the capital of France?\\nA:"}}'
+         "prompt": "{prompt}"}}'
 
 Metrics: http://{host}:{port}/metrics    Press Ctrl-C to stop.
 """
