@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,22 +25,6 @@ from tests.eval import fake_model
 
 N = fake_model.N
 K = 8
-
-
-@pytest.fixture
-def counter() -> fake_model.Counter:
-    return fake_model.Counter()
-
-
-@pytest.fixture
-def model_url(counter: fake_model.Counter) -> Iterator[str]:
-    with fake_model.serve(counter) as url:
-        yield url
-
-
-@pytest.fixture
-def dataset(tmp_path: Path) -> Path:
-    return fake_model.write_dataset(tmp_path / "capitals.jsonl")
 
 
 def _calibrate(dataset: Path, url: str, tmp_path: Path, *extra: str) -> int:

@@ -29,22 +29,6 @@ tenants:
 """
 
 
-@pytest.fixture
-def counter() -> fake_model.Counter:
-    return fake_model.Counter()
-
-
-@pytest.fixture
-def model_url(counter: fake_model.Counter) -> Iterator[str]:
-    with fake_model.serve(counter) as url:
-        yield url
-
-
-@pytest.fixture
-def dataset(tmp_path: Path) -> Path:
-    return fake_model.write_dataset(tmp_path / "capitals.jsonl")
-
-
 def _calibrate(dataset: Path, url: str, tmp_path: Path, *extra: str) -> Path:
     out = tmp_path / "cal" / "fake.json"
     argv = ["calibrate", "--dataset", str(dataset), "--model", "fake-model", "--base-url", url]
