@@ -44,7 +44,8 @@ from proxy.evaluation.grading import MatchGrader
 from proxy.evaluation.prompts import get_template
 
 ROOT = Path(__file__).resolve().parent.parent
-DATASET = Path("/work/shared/data/facts-dev.jsonl")
+# The shared data sits beside the project checkout (../shared/data), on CI as here.
+DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "facts-dev.jsonl"
 SHIPPED = ROOT / "policies" / "calibration" / "gemma-3-270m.json"
 RESULTS = ROOT / "benchmarks" / "results"
 POLICY = ROOT / "policies" / "default.yaml"

@@ -50,7 +50,7 @@ What it does, on facts-dev with Gemma 3 270M base via ``/v1/completions``:
 6. **The shipped hybrid calibration**, ``policies/calibration/gemma-3-270m-hybrid.json``,
    is fitted by the CLI on the fit part, not by this script::
 
-       abstain calibrate --dataset /work/shared/data/facts-dev.jsonl --split fit \
+       abstain calibrate --dataset ../shared/data/facts-dev.jsonl --split fit \
            --model gemma-3-270m --base-url URL --method hybrid --matcher embedding \
            --embedding-threshold 0.7 --temperature 0.7 --out policies/calibration/...
 
@@ -108,7 +108,8 @@ from proxy.sampling import SamplingParams, SamplingResult, draw_samples
 Array = npt.NDArray[np.float64]
 
 ROOT = Path(__file__).resolve().parent.parent
-DATASET = Path("/work/shared/data/facts-dev.jsonl")
+# The shared data sits beside the project checkout (../shared/data), on CI as here.
+DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "facts-dev.jsonl"
 MODEL = local_model.MODEL_ALIAS
 CACHE = sampled.SAMPLE_CACHE_DIR
 #: where ``abstain calibrate/eval`` and benchmarks/calibration_eval.py cache greedy answers
