@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
@@ -10,6 +11,8 @@ import httpx
 from proxy.errors import UpstreamError
 from proxy.policy import UpstreamConfig
 from proxy.protocol import Kind
+
+log = logging.getLogger("abstain.upstream")
 
 
 class Upstream(Protocol):
@@ -42,6 +45,26 @@ def api_key_from_env(config: UpstreamConfig, env: Mapping[str, str]) -> str | No
     return key
 
 
+class UnconfiguredUpstream:
+    """Stands in for an upstream whose API key is missing from the environment.
+
+    The proxy still starts and serves every other upstream; requests routed here fail
+    with a 502 that names the variable to set (never a value).
+    """
+
+    def __init__(self, name: str, variable: str) -> None:
+        self.name = name
+        self.supports_n = True
+        self._error = f"The upstream's API key is not configured (set {variable})."
+
+    async def complete(self, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
+        raise UpstreamError(self._error, kind="config")
+
+    async def stream(self, kind: Kind, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        raise UpstreamError(self._error, kind="config")
+        yield {}  # pragma: no cover - makes this an async generator like the others
+
+
 def build_upstreams(
     configs: Mapping[str, UpstreamConfig],
     client: httpx.AsyncClient,
@@ -52,7 +75,11 @@ def build_upstreams(
 
     upstreams: dict[str, Upstream] = {}
     for name, config in configs.items():
-        if config.base_url is not None:
+        if config.api_key_env and not env.get(config.api_key_env):
+            log.warning("upstream %s: %s is not set; its models will answer 502", name,
+                        config.api_key_env)  # fmt: skip
+            upstreams[name] = UnconfiguredUpstream(name, config.api_key_env)
+        elif config.base_url is not None:
             upstreams[name] = OpenAIHTTPUpstream(name, config, client, env)
         else:
             from proxy.upstream.litellm_upstream import LiteLLMUpstream

@@ -123,3 +123,20 @@ def test_proxy_keeps_serving_after_errors(client: TestClient) -> None:
         client.post("/v1/chat/completions", json={"model": model, **CHAT}, headers=auth())
     r = client.post("/v1/chat/completions", json={"model": "sure", **CHAT}, headers=auth())
     assert r.status_code == 200
+
+
+def test_an_upstream_without_its_key_fails_alone(make_client, policy_path) -> None:
+    text = policy_path.read_text().replace(
+        "models:\n",
+        "  keyless:\n    base_url: http://other.test/v1\n    api_key_env: NOT_SET_ANYWHERE\n"
+        "models:\n  needs-key: {upstream: keyless}\n",
+        1,
+    )
+    policy_path.write_text(text)
+    client = make_client()  # starts although a key is missing
+    assert client.get("/readyz").status_code == 200
+    r = client.post("/v1/chat/completions", json={"model": "needs-key", **CHAT}, headers=auth())
+    err = assert_openai_error(r, 502)
+    assert "NOT_SET_ANYWHERE" in err["message"]
+    ok = client.post("/v1/chat/completions", json={"model": "sure", **CHAT}, headers=auth())
+    assert ok.status_code == 200
