@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -52,12 +51,6 @@ POLICY = ROOT / "policies" / "default.yaml"
 MODEL = local_model.MODEL_ALIAS
 CACHE = Path.home() / ".cache" / "abstain" / "generations"
 HELD_OUT, SEED, BINS, KINDS = 0.4, 0, 10, ("isotonic", "platt", "histogram")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _generations(
@@ -161,14 +154,7 @@ def main() -> int:
     parser.add_argument("--nq", type=Path, help="also test whether this NQ sample helps the fit")
     args = parser.parse_args()
 
-    proc = None
-    url = args.model_url
-    if url is None:
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}/v1"
-        proc = local_model.start(port)
-        local_model.wait_ready(url, proc)
-    try:
+    with local_model.serving(args.model_url) as url:
         common = ["--dataset", str(args.dataset), "--model", MODEL, "--cache-dir", str(CACHE)]
         common += ["--held-out-fraction", str(HELD_OUT), "--split-seed", str(SEED)]
         if args.refit:
@@ -206,9 +192,6 @@ def main() -> int:
         ev += ["--calibration", str(SHIPPED), "--upstream-url", url, "--out", str(RESULTS)]
         if abstain(ev) != 0:
             return 1
-    finally:
-        if proc is not None:
-            local_model.stop(proc)
 
     report = json.loads((RESULTS / "eval.json").read_text())
     row = next(r for r in report["table"] if r["threshold"] == 0.75)

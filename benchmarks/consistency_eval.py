@@ -75,7 +75,6 @@ import argparse
 import asyncio
 import functools
 import json
-import socket
 import sys
 import time
 from collections import Counter, deque
@@ -618,12 +617,6 @@ def stopping_table(
 # ---------------------------------------------------------------------------- main
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def load_parts(
     url: str, args: argparse.Namespace
 ) -> tuple[Part, Part, float, list[str], dict[str, Any]]:
@@ -735,18 +728,8 @@ def main() -> int:
     if args.save and args.limit is not None:
         parser.error("--save writes the committed results: run it on every question")
 
-    proc = None
-    url = args.model_url
-    if url is None:
-        port = _free_port()
-        url = f"http://127.0.0.1:{port}/v1"
-        proc = local_model.start(port)
-        local_model.wait_ready(url, proc)
-    try:
+    with local_model.serving(args.model_url) as url:
         fit, held, t, temp_lines, cost = load_parts(url, args)
-    finally:
-        if proc is not None:
-            local_model.stop(proc)
 
     report = Report()
     report.add(

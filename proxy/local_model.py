@@ -7,12 +7,15 @@ cache. The server runs as a child process speaking the OpenAI wire format.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 MODEL_ALIAS = "gemma-3-270m"
@@ -91,3 +94,26 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serving(base_url: str | None = None, timeout: float = 120.0) -> Iterator[str]:
+    """The base URL of a ready model server: ``base_url`` if given, else one started on a
+    free loopback port for the duration of the block (for tests and benchmarks)."""
+    if base_url is not None:
+        yield base_url
+        return
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    proc = start(port)
+    try:
+        wait_ready(url, proc, timeout=timeout)
+        yield url
+    finally:
+        stop(proc)

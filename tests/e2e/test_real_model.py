@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from proxy import local_model
-from tests.e2e.procs import free_port, proxy
+from tests.e2e.procs import proxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.real_model]
 
@@ -26,14 +26,8 @@ FEW_SHOT = (
 
 @pytest.fixture(scope="module")
 def model_url() -> Iterator[str]:
-    port = free_port()
-    proc = local_model.start(port)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        local_model.wait_ready(url, proc, timeout=120)
+    with local_model.serving() as url:
         yield url
-    finally:
-        local_model.stop(proc)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,16 +48,8 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module")
 def model_url() -> Iterator[str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = local_model.start(port)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        local_model.wait_ready(url, proc)
+    with local_model.serving() as url:
         yield url
-    finally:
-        local_model.stop(proc)
 
 
 def test_calibrate_and_eval_against_the_real_model(model_url: str, tmp_path: Path) -> None:
