@@ -32,17 +32,12 @@ class Upstream(Protocol):
 
 
 def api_key_from_env(config: UpstreamConfig, env: Mapping[str, str]) -> str | None:
-    """The upstream's key, read from the environment variable the policy names."""
-    if not config.api_key_env:
-        return None
-    key = env.get(config.api_key_env)
-    if not key:
-        # Say which variable, never the value: the message may reach a log.
-        raise UpstreamError(
-            f"The upstream's API key is not configured (set {config.api_key_env}).",
-            kind="config",
-        )
-    return key
+    """The upstream's key, read from the environment variable the policy names.
+
+    A named but unset variable never gets this far: :func:`build_upstreams` puts an
+    :class:`UnconfiguredUpstream` in that upstream's place.
+    """
+    return env.get(config.api_key_env) or None if config.api_key_env else None
 
 
 class UnconfiguredUpstream:

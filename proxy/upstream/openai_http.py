@@ -82,7 +82,7 @@ class OpenAIHTTPUpstream:
             pool=config.timeouts.connect,
         )
         self._headers = {"content-type": "application/json"}
-        key = api_key_from_env(config, env) if config.api_key_env else None
+        key = api_key_from_env(config, env)
         if key:
             self._headers["authorization"] = f"Bearer {key}"
 
