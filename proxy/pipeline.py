@@ -202,7 +202,7 @@ class Pipeline:
             choice["abstention"] = verdict.to_dict()
             verdicts.append(verdict)
         if verdicts:
-            response["abstention"] = verdicts[0].to_dict()
+            response["abstention"] = choices[0]["abstention"]
         self.observe_verdicts(call, verdicts)
         return verdicts
 

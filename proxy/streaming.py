@@ -238,14 +238,15 @@ async def _relay(
     call.response_id = ensure_id(last)
     if collector.texts is not None and call.rule.log_text:
         call.answers = [collector.text(i) for i in range(len(verdicts))]
+    shown = [v.to_dict() for v in verdicts]
     final = {
         "id": last.get("id"),
         "object": last.get("object", "chat.completion.chunk"),
         "created": last.get("created", int(time.time())),
         "model": last.get("model"),
         "choices": [],
-        "abstention": verdicts[0].to_dict() if verdicts else None,
-        "abstentions": [v.to_dict() for v in verdicts],
+        "abstention": shown[0] if shown else None,
+        "abstentions": shown,
     }
     yield sse(final)
     yield SSE_DONE
