@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from proxy.confidence.calibration import Calibration
+from proxy.confidence.calibration import Calibration, Calibrator, Logistic
 from proxy.policy_schema import (
     Action,
     Decision,
@@ -234,6 +234,15 @@ _FITTED_SAMPLING = {
 }
 
 
+#: Scores computed from the top-k alternatives of each token, absent without them.
+_TOP_K_FEATURES = {"mean_entropy", "first_margin"}
+
+
+def _inputs(calibrator: Calibrator, score: str) -> tuple[str, ...]:
+    # Only the logistic model reads several features; the others read their one score.
+    return calibrator.features if isinstance(calibrator, Logistic) else (score,)
+
+
 def calibration_mismatches(rule: Rule) -> list[str]:
     """How ``rule`` differs from what its calibration was fitted on (empty when it fits)."""
     cal = rule.calibration
@@ -245,6 +254,12 @@ def calibration_mismatches(rule: Rule) -> list[str]:
         cal.method == "hybrid" and rule.method != "hybrid"
     ):
         problems.append(f"method {rule.method} with a calibration fitted for {cal.method}")
+    needs_top_k = sorted(_TOP_K_FEATURES & set(_inputs(cal.calibrator, cal.score)))
+    if needs_top_k and rule.top_logprobs == 0:
+        problems.append(
+            f"top_logprobs is 0 but the calibration reads {', '.join(needs_top_k)}, "
+            "which needs the top-k alternatives: answers will get no P(correct)"
+        )
     if sampled and rule.sampling is not None:
         for key, attr in _FITTED_SAMPLING.items():
             fitted = cal.fitted_on.get(key)

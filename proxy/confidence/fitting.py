@@ -334,17 +334,20 @@ def select(
     folds: int = 5,
     seed: int = 0,
     ece_bins: int = 10,
+    logistic_features: Sequence[str] | None = None,
 ) -> list[tuple[Candidate, Calibrator]]:
     """Every candidate, best first by held-out ``criterion`` (``brier`` or ``log_loss``).
 
-    ``logistic`` in ``kinds`` adds one multi-score candidate over all ``scores``.
+    ``logistic`` in ``kinds`` adds one multi-score candidate over ``logistic_features``
+    (default: all ``scores``).
     """
     if criterion not in ("log_loss", "brier"):
         raise ValueError("criterion must be log_loss or brier")
     present = [s for s in scores if s in features]
+    combined = [f for f in (logistic_features or scores) if f in features]
     out = []
     for kind in kinds:
-        groups = [present] if kind == "logistic" else [[s] for s in present]
+        groups = [combined] if kind == "logistic" else [[s] for s in present]
         for names in groups:
             out.append(
                 candidate(

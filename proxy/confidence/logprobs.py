@@ -15,7 +15,26 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 #: Score names the policy and calibration files may refer to.
-SCORES = ("mean_logprob", "min_logprob", "sequence_prob", "mean_entropy")
+SCORES = (
+    "mean_logprob",
+    "min_logprob",
+    "sequence_prob",
+    "mean_entropy",
+    "first_logprob",
+    "first_margin",
+)
+
+#: Inputs of the multi-score logistic calibration: every score that adds information
+#: (sequence_prob is nearly a function of mean_logprob and the length) plus the answer's
+#: length, which ranks nothing alone but tells the model how far to trust a mean.
+LOGISTIC_FEATURES = (
+    "mean_logprob",
+    "min_logprob",
+    "mean_entropy",
+    "first_logprob",
+    "first_margin",
+    "log_length",
+)
 
 
 def _chat_tokens(logprobs: Mapping[str, Any]) -> tuple[list[float], list[Iterable[float]]]:
@@ -70,8 +89,24 @@ def _entropy(top: Iterable[float]) -> float | None:
     return -sum((w / total) * math.log(w / total) for w in weights if w > 0)
 
 
+def _margin(chosen: float, top: list[float]) -> float | None:
+    """How far the chosen token's logprob clears its strongest rival in the top-k.
+
+    The top-k list holds the chosen token too (when it made the cut): one entry equal to
+    its logprob is set aside. Negative when a sampled token was not the favourite.
+    """
+    rivals = list(top)
+    if chosen in rivals:
+        rivals.remove(chosen)
+    return chosen - max(rivals) if rivals else None
+
+
 def scores_from_tokens(lps: list[float], tops: Iterable[Iterable[float]] = ()) -> dict[str, float]:
-    """All logprob scores of one answer; empty when the answer has no scored tokens."""
+    """All logprob scores of one answer; empty when the answer has no scored tokens.
+
+    Besides the :data:`SCORES` the result holds ``log_length`` (log of the token count),
+    an input of the logistic calibration only.
+    """
     if not lps:
         return {}
     total = sum(lps)
@@ -79,11 +114,22 @@ def scores_from_tokens(lps: list[float], tops: Iterable[Iterable[float]] = ()) -
         "mean_logprob": total / len(lps),
         "min_logprob": min(lps),
         "sequence_prob": math.exp(total),
+        # The first token commits to an answer; later tokens mostly spell it out, so
+        # their high probabilities dilute the mean without saying the answer is right.
+        "first_logprob": lps[0],
+        "log_length": math.log(len(lps)),
     }
-    entropies = [e for e in (_entropy(t) for t in tops) if e is not None]
+    top_lists = [list(t) for t in tops]
+    entropies = [e for e in (_entropy(t) for t in top_lists) if e is not None]
     if entropies:
         # Negated so that, like every other score, higher means more confident.
         scores["mean_entropy"] = -sum(entropies) / len(entropies)
+    # Tokens without a top-k list are dropped from ``tops``, so its first list is the
+    # first token's only when every token has one.
+    if len(top_lists) == len(lps):
+        margin = _margin(lps[0], top_lists[0])
+        if margin is not None:
+            scores["first_margin"] = margin
     return scores
 
 
@@ -100,6 +146,9 @@ def as_probability(score_name: str, value: float) -> float:
     puts every score on the scale a threshold lives on: exp of a logprob is a token
     probability, exp of minus the entropy is the effective inverse branching factor.
     """
-    if score_name in ("mean_logprob", "min_logprob", "mean_entropy"):
+    if score_name in ("mean_logprob", "min_logprob", "mean_entropy", "first_logprob"):
         return min(1.0, max(0.0, math.exp(value)))
+    if score_name == "first_margin":
+        # The chosen token's share of the two-way race against its strongest rival.
+        return 1.0 / (1.0 + math.exp(-max(-35.0, min(35.0, value))))
     return min(1.0, max(0.0, value))

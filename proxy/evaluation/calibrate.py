@@ -23,6 +23,7 @@ import numpy.typing as npt
 from proxy.confidence.calibration import Calibration, Calibrator, Logistic
 from proxy.confidence.consistency import SCORES as AGREEMENT_SCORES
 from proxy.confidence.fitting import KINDS, Candidate, candidate, select
+from proxy.confidence.logprobs import LOGISTIC_FEATURES
 from proxy.confidence.logprobs import SCORES as LOGPROB_SCORES
 from proxy.evaluation.datasets import Question
 from proxy.evaluation.grading import Grader
@@ -154,6 +155,10 @@ def fit_method(
     fittable = [s for s, problem in problems.items() if problem is None]
     if not fittable:
         raise ValueError(next(p for p in problems.values() if p))
+    combined = logistic_inputs(data, method, fittable)
+    if score or unfit_reason(data, combined, folds):
+        # One score alone makes the logistic model a Platt scaling: nothing to add.
+        kinds = [k for k in kinds if k != "logistic"]
     return select(
         data.features,
         data.correct,
@@ -163,7 +168,22 @@ def fit_method(
         folds=folds,
         seed=seed,
         ece_bins=ece_bins,
+        logistic_features=combined,
     )
+
+
+def logistic_inputs(data: Labelled, method: str, fittable: Sequence[str]) -> list[str]:
+    """The multi-score logistic candidate's inputs: those every scored answer has.
+
+    A feature some answers lack (``first_margin`` without top-k logprobs) would leave those
+    answers without a P(correct) in the proxy, and would judge the candidate on fewer rows
+    than its rivals; it is dropped instead.
+    """
+    wanted = LOGISTIC_FEATURES if method == "logprobs" else fittable
+    scored = ~np.isnan(data.features[fittable[0]])
+    return [
+        f for f in wanted if f in data.features and not np.isnan(data.features[f][scored]).any()
+    ]
 
 
 def hybrid_warning(calibrator: Logistic) -> str | None:

@@ -106,7 +106,9 @@ def add_commands(sub: Any) -> None:
         "--score", help="one score to calibrate (default: the best of the method's scores)"
     )
     cal.add_argument(
-        "--calibrators", default="isotonic,platt,histogram", help="not for hybrid (logistic)"
+        "--calibrators",
+        default="isotonic,platt,histogram,logistic",
+        help="candidates; logistic combines several scores (not for hybrid, always logistic)",
     )
     # Brier by default: it weighs a miss equally wherever p lies, as threshold decisions
     # do; log loss is dominated by the rare confident miss near p = 0, far from any t.
@@ -124,7 +126,9 @@ def add_commands(sub: Any) -> None:
     ev.add_argument("--upstream-url", help="point the model's upstream here (in-process)")
     ev.add_argument("--base-url", help="an already-running proxy (or, with --direct, model)")
     ev.add_argument("--direct", action="store_true", help="ask the model itself (baseline)")
-    ev.add_argument("--thresholds", type=_thresholds, default=[0.0, 0.5, 0.75, 0.9])
+    # 0.25 (a wrong answer costs a third of a point) is where a model that knows little
+    # shows the trade the paper describes; 0.5-0.9 are the paper's confidence targets.
+    ev.add_argument("--thresholds", type=_thresholds, default=[0.0, 0.25, 0.5, 0.75, 0.9])
     ev.add_argument("--target-error", type=float, default=0.25)
     ev.add_argument("--no-charts", action="store_true")
     ev.add_argument("--out", type=Path, required=True, help="directory for the report")

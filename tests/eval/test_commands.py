@@ -11,10 +11,14 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from proxy.cli import main
 from proxy.confidence.calibration import load_calibration
+from proxy.confidence.logprobs import LOGISTIC_FEATURES, scores_from_choice
+from proxy.evaluation.calibrate import Labelled, logistic_inputs
+from proxy.evaluation.prompts import get_template
 from tests.eval import fake_model
 
 POLICY = """
@@ -50,6 +54,33 @@ def test_calibrate_writes_a_calibration_that_separates_the_groups(
     out = capsys.readouterr().out
     assert "60 labelled answers, 30 right" in out
     assert "isotonic" in out and "platt" in out and "histogram" in out
+
+
+def test_calibrate_weighs_a_logistic_model_over_every_logprob_feature(
+    dataset: Path, model_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _calibrate(dataset, model_url, tmp_path)
+    combined = "+".join(LOGISTIC_FEATURES)
+    rows = [line for line in capsys.readouterr().out.splitlines() if "logistic" in line]
+    assert len(rows) == 1 and rows[0].startswith(combined)
+    cal = load_calibration(path)
+    # Whichever candidate won, the file the proxy loads must judge the fake's answers.
+    prompt = get_template("qa-fewshot").prompt("What is the capital of Country0?")
+    choice = fake_model.completion({"prompt": prompt})["choices"][0]
+    assert cal(scores_from_choice(choice["logprobs"])) is not None
+
+
+def test_logistic_inputs_drop_a_feature_some_answers_lack() -> None:
+    y = np.array([1.0, 0.0, 1.0, 0.0])
+    full = np.array([-0.1, -2.0, -0.2, -1.5])
+    gappy = np.array([0.5, np.nan, 0.4, 0.1])
+    unscored = np.array([np.nan] * 4)
+    features = {"mean_logprob": full, "first_logprob": full, "first_margin": gappy}
+    data = Labelled({**features, "log_length": unscored}, y)
+    assert logistic_inputs(data, "logprobs", ["mean_logprob"]) == ["mean_logprob", "first_logprob"]
+    # Rows without the primary score are left out anyway: a gap there does not count.
+    data = Labelled({"mean_logprob": gappy, "first_margin": gappy}, y)
+    assert logistic_inputs(data, "logprobs", ["mean_logprob"]) == ["mean_logprob", "first_margin"]
 
 
 def test_refitting_reads_the_cache_instead_of_asking_again(

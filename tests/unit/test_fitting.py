@@ -163,3 +163,22 @@ def test_before_maps_semantic_entropy_as_the_proxy_does_without_a_calibration() 
     cand, _ = f.candidate("isotonic", {"semantic_entropy": entropy}, y, names=["semantic_entropy"])
     assert cand.before.auroc == pytest.approx(cand.after.auroc, abs=0.05)
     assert cand.before.auroc > 0.75
+
+
+def test_select_adds_one_logistic_candidate_over_the_named_features() -> None:
+    x, y = _logistic_data(500, a=2.0, b=0.5, seed=6)
+    rng = np.random.default_rng(7)
+    # Two noisy views of the same signal: together they rank better than either alone.
+    a, b = x + rng.normal(0, 1.0, x.size), x + rng.normal(0, 1.0, x.size)
+    ranked = f.select(
+        {"a": a, "b": b, "len": rng.normal(size=x.size)},
+        y,
+        scores=["a", "b"],
+        kinds=["platt", "logistic"],
+        logistic_features=["a", "b", "len"],
+    )
+    logistic = [c for c, _ in ranked if c.kind == "logistic"]
+    assert [c.features for c in logistic] == [("a", "b", "len")]
+    assert ranked[0][0].kind == "logistic"
+    singles = [c.after.auroc for c, _ in ranked if c.kind == "platt"]
+    assert logistic[0].after.auroc > max(singles)

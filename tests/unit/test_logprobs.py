@@ -64,3 +64,36 @@ def test_uncalibrated_probability_is_bounded_and_monotone() -> None:
     assert as_probability("min_logprob", -1.0) == pytest.approx(math.exp(-1))
     assert as_probability("sequence_prob", 1.5) == 1.0
     assert as_probability("mean_entropy", -0.7) < as_probability("mean_entropy", -0.1)
+
+
+def test_first_token_scores_and_length_by_hand() -> None:
+    first, second = math.log(0.6), math.log(0.9)
+    s = scores_from_tokens([first, second], [[first, math.log(0.3)], [second, math.log(0.05)]])
+    assert s["first_logprob"] == pytest.approx(first)
+    assert s["first_margin"] == pytest.approx(math.log(0.6 / 0.3))
+    assert s["log_length"] == pytest.approx(math.log(2))
+
+
+def test_first_margin_is_negative_when_a_sampled_token_was_not_the_favourite() -> None:
+    chosen = math.log(0.2)
+    s = scores_from_tokens([chosen], [[math.log(0.7), chosen, math.log(0.1)]])
+    assert s["first_margin"] == pytest.approx(math.log(0.2 / 0.7))
+
+
+def test_first_margin_when_the_chosen_token_missed_the_top_k() -> None:
+    s = scores_from_tokens([math.log(0.01)], [[math.log(0.5), math.log(0.3)]])
+    assert s["first_margin"] == pytest.approx(math.log(0.01 / 0.5))
+
+
+def test_no_margin_without_a_rival_or_with_gaps_in_the_top_k() -> None:
+    assert "first_margin" not in scores_from_tokens([-0.1], [[-0.1]])
+    # The second token lacks a top-k list: the first list cannot be told apart.
+    assert "first_margin" not in scores_from_tokens([-0.1, -0.2], [[-0.1, -3.0]])
+    assert "first_margin" not in scores_from_tokens([-0.1, -0.2])
+
+
+def test_first_margin_maps_to_a_two_way_share_without_calibration() -> None:
+    assert as_probability("first_margin", 0.0) == pytest.approx(0.5)
+    assert as_probability("first_margin", math.log(3)) == pytest.approx(0.75)
+    assert as_probability("first_margin", -1e9) == pytest.approx(0.0)
+    assert as_probability("first_logprob", math.log(0.4)) == pytest.approx(0.4)

@@ -162,3 +162,30 @@ def test_check_policy_prints_warnings_but_passes(
     (tmp_path / "p.yaml").write_text(BASE.replace("m: {upstream: up, threshold: 0.6}", route))
     assert main(["check-policy", str(tmp_path / "p.yaml")]) == 0
     assert "warning: models.m: matcher is 'exact'" in capsys.readouterr().out
+
+
+def test_a_calibration_reading_top_k_features_warns_when_top_logprobs_is_zero(
+    tmp_path: Path,
+) -> None:
+    cal = {
+        "format": "abstain-calibration/1",
+        "method": "logprobs",
+        "score": "mean_logprob",
+        "calibrator": {"kind": "logistic", "features": ["mean_logprob", "first_margin"],
+                       "weights": [1.0, 1.0], "bias": 0.0},
+    }  # fmt: skip
+    (tmp_path / "lp.json").write_text(json.dumps(cal))
+    routes = ("m: {upstream: up, calibration: lp.json, top_logprobs: 0}\n"
+              "  other: {upstream: up, calibration: lp.json}")  # fmt: skip
+    text = BASE.replace(
+        "m: {upstream: up, threshold: 0.6}\n  other: {upstream: up, upstream_model: real-name}",
+        routes,
+    )
+    (tmp_path / "p.yaml").write_text(text)
+    warnings = load_policy(tmp_path / "p.yaml").warnings()
+    problem = (
+        "top_logprobs is 0 but the calibration reads first_margin, which needs the top-k "
+        "alternatives: answers will get no P(correct)"
+    )
+    # models.other keeps the default top_logprobs (5): no warning.
+    assert warnings == [f"models.m for tenant t: {problem}", f"models.m: {problem}"]
