@@ -277,7 +277,8 @@ class Candidate:
         return float(getattr(self.after, name))
 
 
-def _fitter(kind: str, names: Sequence[str]) -> Fit:
+def fitter(kind: str, names: Sequence[str]) -> Fit:
+    """The function fitting one calibrator ``kind`` on feature columns named ``names``."""
     if kind == "logistic":
         return lambda X, y: fit_logistic(X, y, names)
     single = FITTERS[kind]
@@ -310,7 +311,7 @@ def candidate(
     y = np.asarray(labels, dtype=np.float64).ravel()
     keep = ~np.isnan(X).any(axis=1)
     X, y = X[keep], y[keep]
-    fit = _fitter(kind, names)
+    fit = fitter(kind, names)
     oof = cross_validate(X, y, names, fit, folds, seed)
     raw = np.array([_uncalibrated(names[0], float(v)) for v in X[:, 0]])
     cand = Candidate(

@@ -126,9 +126,10 @@ def add_commands(sub: Any) -> None:
     ev.add_argument("--upstream-url", help="point the model's upstream here (in-process)")
     ev.add_argument("--base-url", help="an already-running proxy (or, with --direct, model)")
     ev.add_argument("--direct", action="store_true", help="ask the model itself (baseline)")
-    # 0.25 (a wrong answer costs a third of a point) is where a model that knows little
-    # shows the trade the paper describes; 0.5-0.9 are the paper's confidence targets.
-    ev.add_argument("--thresholds", type=_thresholds, default=[0.0, 0.25, 0.5, 0.75, 0.9])
+    # 0.5-0.9 are the paper's confidence targets; a model that knows little answers
+    # almost nothing there, so 0.1 and 0.25 (a wrong answer costs 1/9 or 1/3 of a point)
+    # show the rest of its trade between errors and answers.
+    ev.add_argument("--thresholds", type=_thresholds, default=[0.0, 0.1, 0.25, 0.5, 0.75, 0.9])
     ev.add_argument("--target-error", type=float, default=0.25)
     ev.add_argument("--no-charts", action="store_true")
     ev.add_argument("--out", type=Path, required=True, help="directory for the report")

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from proxy.confidence.logprobs import SCORES as LOGPROB_SCORES
 from proxy.evaluation import selective
 from proxy.evaluation.datasets import Question
 from proxy.evaluation.grading import Grader
@@ -60,7 +61,7 @@ def evaluate(
         "failed requests": len(generations) - len(ok),
         "accuracy (always answer)": float(np.mean(correct)) if ok else None,
     }
-    for name in ("min_logprob", "mean_logprob", "sequence_prob", "mean_entropy"):
+    for name in LOGPROB_SCORES:
         raw = np.array([g.scores.get(name, np.nan) for g in ok])
         if not np.isnan(raw).all():
             metrics[f"AUROC of raw {name}"] = selective.auroc(raw, correct)
