@@ -66,8 +66,17 @@ def derived_policy(
 
 
 def policy_tag(data: dict[str, Any]) -> str:
-    """A cache tag naming this policy and the content of every calibration it loads."""
-    h = hashlib.sha256(yaml.safe_dump(data, sort_keys=True).encode())
+    """A cache tag naming this policy and the content of every calibration it loads.
+
+    Where an upstream is served (its ``base_url``) is left out, as it is for direct
+    answers, which are keyed by the request naming the model: a model restarted on
+    another port (``--upstream-url``) is the same model, and its answers stay cached.
+    """
+    upstreams = {
+        name: {k: v for k, v in spec.items() if k != "base_url"} if isinstance(spec, dict) else spec
+        for name, spec in (data.get("upstreams") or {}).items()
+    }
+    h = hashlib.sha256(yaml.safe_dump({**data, "upstreams": upstreams}, sort_keys=True).encode())
     for layer in _rule_layers(data):
         ref = layer.get("calibration")
         if ref and Path(ref).exists():

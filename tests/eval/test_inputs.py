@@ -113,6 +113,12 @@ def test_policy_copy_annotates_everywhere_and_fixes_paths(tmp_path: Path) -> Non
     other = inproc.derived_policy(policy, model="m", calibration=tmp_path / "y.json")
     assert other["defaults"]["calibration"] == str((tmp_path / "y.json").resolve())
     assert inproc.policy_tag(data) != inproc.policy_tag(other)
+    # The same model restarted elsewhere keeps its cached answers; another rule does not.
+    moved = inproc.derived_policy(policy, model="m", upstream_url="http://c/v1")
+    assert inproc.policy_tag(moved) == inproc.policy_tag(data)
+    stricter = inproc.derived_policy(policy, model="m", upstream_url="http://b/v1")
+    stricter["tenants"]["t"]["threshold"] = 0.95
+    assert inproc.policy_tag(stricter) != inproc.policy_tag(data)
     with pytest.raises(ValueError, match="no model"):
         inproc.derived_policy(policy, model="nope", upstream_url="http://b/v1")
 
