@@ -90,7 +90,8 @@ def risk_coverage_chart(
             "t=" + ", ".join(names),
             (cov, risk),
             textcoords="offset points",
-            xytext=(6, 6 + 14 * i),
+            # Near the top edge the label goes below its point, or it would leave the axes.
+            xytext=(6, -(14 + 14 * i) if risk > 0.85 else 6 + 14 * i),
             color="tab:red",
             arrowprops={"arrowstyle": "-", "color": "tab:red", "linewidth": 0.5},
         )
