@@ -260,9 +260,8 @@ def main() -> int:
         held_ece = selective.ece(p, y, BINS)
         raw = {s: selective.auroc(held.features[s], held.correct) for s in SCORES}
         best_raw = max(raw, key=lambda s: raw[s])
-        inputs = getattr(shipped.calibrator, "features", (shipped.score,))
         lines += [
-            f"Shipped calibration ({shipped.calibrator.kind} on {'+'.join(inputs)}) on "
+            f"Shipped calibration ({shipped.calibrator.kind} on {'+'.join(shipped.inputs)}) on "
             f"facts-extra, direct answers: ECE {held_ece:.3f} (a perfectly calibrated model "
             f"would show {selective.ece_noise_floor(p, BINS):.3f}), AUROC "
             f"{selective.auroc(p, y):.3f}, Brier {selective.brier(p, y):.3f}. Best single "

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from proxy.confidence.calibration import Calibration, Calibrator, Logistic
+from proxy.confidence.calibration import Calibration
 from proxy.policy_schema import (
     Action,
     Decision,
@@ -238,11 +238,6 @@ _FITTED_SAMPLING = {
 _TOP_K_FEATURES = {"mean_entropy", "first_margin"}
 
 
-def _inputs(calibrator: Calibrator, score: str) -> tuple[str, ...]:
-    # Only the logistic model reads several features; the others read their one score.
-    return calibrator.features if isinstance(calibrator, Logistic) else (score,)
-
-
 def calibration_mismatches(rule: Rule) -> list[str]:
     """How ``rule`` differs from what its calibration was fitted on (empty when it fits)."""
     cal = rule.calibration
@@ -254,7 +249,7 @@ def calibration_mismatches(rule: Rule) -> list[str]:
         cal.method == "hybrid" and rule.method != "hybrid"
     ):
         problems.append(f"method {rule.method} with a calibration fitted for {cal.method}")
-    needs_top_k = sorted(_TOP_K_FEATURES & set(_inputs(cal.calibrator, cal.score)))
+    needs_top_k = sorted(_TOP_K_FEATURES & set(cal.inputs))
     if needs_top_k and rule.top_logprobs == 0:
         problems.append(
             f"top_logprobs is 0 but the calibration reads {', '.join(needs_top_k)}, "

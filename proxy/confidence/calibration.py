@@ -211,6 +211,11 @@ class Calibration:
         """P(correct) for an answer's raw scores, or None when the needed score is missing."""
         return self.calibrator(features)
 
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Every score this calibration reads (a logistic model reads several)."""
+        return self.calibrator.features if isinstance(self.calibrator, Logistic) else (self.score,)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT,

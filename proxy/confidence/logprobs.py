@@ -11,7 +11,7 @@ Every score is oriented so that higher means more confident.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 #: Score names the policy and calibration files may refer to.
@@ -37,10 +37,10 @@ LOGISTIC_FEATURES = (
 )
 
 
-def _chat_tokens(logprobs: Mapping[str, Any]) -> tuple[list[float], list[Iterable[float]]]:
+def _chat_tokens(logprobs: Mapping[str, Any]) -> tuple[list[float], list[list[float]]]:
     content = logprobs.get("content") or []
     lps: list[float] = []
-    tops: list[Iterable[float]] = []
+    tops: list[list[float]] = []
     for tok in content:
         lp = tok.get("logprob")
         if lp is None:
@@ -52,10 +52,10 @@ def _chat_tokens(logprobs: Mapping[str, Any]) -> tuple[list[float], list[Iterabl
     return lps, tops
 
 
-def _completion_tokens(logprobs: Mapping[str, Any]) -> tuple[list[float], list[Iterable[float]]]:
+def _completion_tokens(logprobs: Mapping[str, Any]) -> tuple[list[float], list[list[float]]]:
     # The first token of an echoed prompt has logprob None; skip Nones rather than fail.
     lps = [float(x) for x in (logprobs.get("token_logprobs") or []) if x is not None]
-    tops: list[Iterable[float]] = [
+    tops: list[list[float]] = [
         [float(v) for v in top.values() if v is not None]
         for top in (logprobs.get("top_logprobs") or [])
         if top
@@ -65,7 +65,7 @@ def _completion_tokens(logprobs: Mapping[str, Any]) -> tuple[list[float], list[I
 
 def token_logprobs(
     choice_logprobs: Mapping[str, Any] | None,
-) -> tuple[list[float], list[Iterable[float]]]:
+) -> tuple[list[float], list[list[float]]]:
     """Return (token logprobs, top-k logprobs per token) from a choice's ``logprobs`` field."""
     if not choice_logprobs:
         return [], []
@@ -74,13 +74,12 @@ def token_logprobs(
     return _completion_tokens(choice_logprobs)
 
 
-def _entropy(top: Iterable[float]) -> float | None:
+def _entropy(values: Sequence[float]) -> float | None:
     """Entropy (nats) of the top-k alternatives, renormalised to sum to one.
 
     Top-k truncates the tail, so this underestimates the true entropy; it still ranks
     answers well, and the calibration absorbs the bias.
     """
-    values = list(top)
     if not values:
         return None
     peak = max(values)
@@ -89,7 +88,7 @@ def _entropy(top: Iterable[float]) -> float | None:
     return -sum((w / total) * math.log(w / total) for w in weights if w > 0)
 
 
-def _margin(chosen: float, top: list[float]) -> float | None:
+def _margin(chosen: float, top: Sequence[float]) -> float | None:
     """How far the chosen token's logprob clears its strongest rival in the top-k.
 
     The top-k list holds the chosen token too (when it made the cut): one entry equal to
@@ -101,7 +100,9 @@ def _margin(chosen: float, top: list[float]) -> float | None:
     return chosen - max(rivals) if rivals else None
 
 
-def scores_from_tokens(lps: list[float], tops: Iterable[Iterable[float]] = ()) -> dict[str, float]:
+def scores_from_tokens(
+    lps: Sequence[float], tops: Sequence[Sequence[float]] = ()
+) -> dict[str, float]:
     """All logprob scores of one answer; empty when the answer has no scored tokens.
 
     Besides the :data:`SCORES` the result holds ``log_length`` (log of the token count),
@@ -119,15 +120,14 @@ def scores_from_tokens(lps: list[float], tops: Iterable[Iterable[float]] = ()) -
         "first_logprob": lps[0],
         "log_length": math.log(len(lps)),
     }
-    top_lists = [list(t) for t in tops]
-    entropies = [e for e in (_entropy(t) for t in top_lists) if e is not None]
+    entropies = [e for e in (_entropy(t) for t in tops) if e is not None]
     if entropies:
         # Negated so that, like every other score, higher means more confident.
         scores["mean_entropy"] = -sum(entropies) / len(entropies)
     # Tokens without a top-k list are dropped from ``tops``, so its first list is the
     # first token's only when every token has one.
-    if len(top_lists) == len(lps):
-        margin = _margin(lps[0], top_lists[0])
+    if len(tops) == len(lps):
+        margin = _margin(lps[0], tops[0])
         if margin is not None:
             scores["first_margin"] = margin
     return scores
