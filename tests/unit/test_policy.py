@@ -114,17 +114,22 @@ def test_penalty_is_t_over_one_minus_t() -> None:
     assert penalty(0.9) == pytest.approx(9)
 
 
-def _hybrid_calibration(tmp_path: Path) -> None:
+def _logistic_calibration(path: Path, method: str, second: str, **fitted_on: object) -> None:
     cal = {
         "format": "abstain-calibration/1",
-        "method": "hybrid",
+        "method": method,
         "score": "mean_logprob",
-        "calibrator": {"kind": "logistic", "features": ["mean_logprob", "agreement"],
+        "calibrator": {"kind": "logistic", "features": ["mean_logprob", second],
                        "weights": [1.0, 1.0], "bias": 0.0},
-        "fitted_on": {"samples": 8, "sample_temperature": 0.7, "matcher": "embedding",
-                      "embedding_threshold": 0.7},
+        "fitted_on": fitted_on,
     }  # fmt: skip
-    (tmp_path / "hybrid.json").write_text(json.dumps(cal))
+    path.write_text(json.dumps(cal))
+
+
+def _hybrid_calibration(tmp_path: Path) -> None:
+    _logistic_calibration(tmp_path / "hybrid.json", "hybrid", "agreement", samples=8,
+                          sample_temperature=0.7, matcher="embedding",
+                          embedding_threshold=0.7)  # fmt: skip
 
 
 def test_a_rule_that_samples_as_its_calibration_was_fitted_has_no_warning(tmp_path: Path) -> None:
@@ -167,14 +172,7 @@ def test_check_policy_prints_warnings_but_passes(
 def test_a_calibration_reading_top_k_features_warns_when_top_logprobs_is_zero(
     tmp_path: Path,
 ) -> None:
-    cal = {
-        "format": "abstain-calibration/1",
-        "method": "logprobs",
-        "score": "mean_logprob",
-        "calibrator": {"kind": "logistic", "features": ["mean_logprob", "first_margin"],
-                       "weights": [1.0, 1.0], "bias": 0.0},
-    }  # fmt: skip
-    (tmp_path / "lp.json").write_text(json.dumps(cal))
+    _logistic_calibration(tmp_path / "lp.json", "logprobs", "first_margin")
     routes = ("m: {upstream: up, calibration: lp.json, top_logprobs: 0}\n"
               "  other: {upstream: up, calibration: lp.json}")  # fmt: skip
     text = BASE.replace(
