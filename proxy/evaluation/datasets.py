@@ -5,6 +5,10 @@ One question a line: ``{"id": "...", "question": "...", "answers": ["gold", "ali
 hash of each id, so ``abstain calibrate --split fit`` and ``abstain eval --split held-out``
 agree on which question is where without storing a split file, and no question is ever
 used both to fit a calibration and to judge it.
+
+The sets the project ships live in ``proxy/data`` (package data, see its README for
+sources and licences); :func:`resolve` maps their short names (:data:`PACKAGED`) to the
+files, so ``--dataset facts-dev`` works from any directory and from an installed wheel.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +27,40 @@ SPLITS: tuple[Split, ...] = ("all", "fit", "held-out")
 
 class DatasetError(ValueError):
     """A question file is missing or malformed (the message names the line)."""
+
+
+#: The user's cache folder: answers and samples asked of a model (the evaluation commands'
+#: and the benchmarks' caches live under it). Named here only.
+CACHE_DIR = Path.home() / ".cache" / "abstain"
+
+#: The question sets shipped in ``proxy/data``, by the short name the CLI accepts.
+PACKAGED: dict[str, str] = {
+    "facts-dev": "facts-dev.jsonl",
+    "facts-extra": "facts-extra.jsonl",
+    "nq-open": "nq-open.jsonl",
+}
+
+
+def data_dir() -> Path:
+    """``proxy/data`` of the installed package (the raw tables are in its ``raw/``)."""
+    # A regular package installed as files (editable or from the wheel) gives a real path.
+    return Path(str(resources.files("proxy") / "data"))
+
+
+def resolve(dataset: str | Path) -> Path:
+    """The file of a question set: a short name from :data:`PACKAGED`, or a path.
+
+    A short name wins over a file of the same bare name in the working directory (write
+    ``./facts-dev`` for that); anything else must be an existing file.
+    """
+    text = str(dataset)
+    if text in PACKAGED:
+        return data_dir() / PACKAGED[text]
+    path = Path(dataset)
+    if not path.is_file():
+        known = ", ".join(PACKAGED)
+        raise DatasetError(f"{text}: no such question file, and not a packaged set ({known})")
+    return path
 
 
 @dataclass(frozen=True)
@@ -67,8 +106,9 @@ def parse_questions(lines: Iterable[str], source: str = "<lines>") -> list[Quest
 
 
 def load_questions(path: str | Path) -> list[Question]:
-    """Read a question file; :class:`DatasetError` with the path and line on failure."""
-    p = Path(path)
+    """Read a question set (a path or a short name, see :func:`resolve`);
+    :class:`DatasetError` with the path and line on failure."""
+    p = resolve(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
@@ -77,8 +117,11 @@ def load_questions(path: str | Path) -> list[Question]:
 
 
 def dataset_name(path: str | Path) -> str:
-    """The name a calibration file records: the file name without ``.jsonl``."""
-    return Path(path).name.removesuffix(".jsonl").removesuffix(".json")
+    """The name a calibration file records (and caches are keyed by): the file name
+    without ``.jsonl``; a short name is its file's name, so both spellings agree."""
+    text = str(path)
+    file = PACKAGED.get(text, text)
+    return Path(file).name.removesuffix(".jsonl").removesuffix(".json")
 
 
 def _rank(seed: int, qid: str) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import facts_extra
+from proxy.evaluation import datasets
 
 COUNTRIES = [
     {"name": "Chile", "capital": ["Santiago"], "region": "Americas",
@@ -72,3 +73,27 @@ def test_build_refuses_when_the_rules_do_not_rebuild_facts_dev(tmp_path: Path) -
     with pytest.raises(SystemExit, match="do not rebuild 1 facts-dev questions"):
         facts_extra.build(tmp_path / "extra.jsonl", _dev(tmp_path, dev), _raw(tmp_path))
     assert not (tmp_path / "extra.jsonl").exists()
+
+
+def test_the_packaged_facts_extra_is_what_the_packaged_tables_give(tmp_path: Path) -> None:
+    packaged = datasets.resolve("facts-extra").read_text(encoding="utf-8")
+    raw = datasets.data_dir() / "raw"
+    built = facts_extra.build(tmp_path / "extra.jsonl", datasets.resolve("facts-dev"), raw)
+    assert built.read_text(encoding="utf-8") == packaged
+    assert len(packaged.splitlines()) == 549
+    # The script's defaults are the packaged files, so a plain run rewrites the same file.
+    assert datasets.resolve("facts-extra") == facts_extra.OUT
+    assert facts_extra.render() == packaged
+
+
+def test_check_fails_on_a_stale_file_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stale = tmp_path / "facts-extra.jsonl"
+    stale.write_text(datasets.resolve("facts-extra").read_text(encoding="utf-8")[:-200])
+    before = stale.read_text()
+    monkeypatch.setattr("sys.argv", ["facts_extra.py", "--check", "--out", str(stale)])
+    assert facts_extra.main() == 1
+    assert stale.read_text() == before
+    monkeypatch.setattr("sys.argv", ["facts_extra.py", "--check"])
+    assert facts_extra.main() == 0
