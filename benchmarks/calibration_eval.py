@@ -1,12 +1,12 @@
 """Reproduce the shipped calibration's held-out numbers and the evaluation table.
 
-    .venv/bin/python benchmarks/calibration_eval.py [--model-url URL] [--refit] [--nq FILE]
+    .venv/bin/python benchmarks/calibration_eval.py [--model-url URL] [--refit] [--nq SET]
 
 1. Asks the reference model (Gemma 3 270M, started here on a free port unless
    ``--model-url`` names a running one) every question of facts-dev and of facts-extra
    (the facts questions facts-dev left out, built by ``benchmarks/facts_extra.py`` with
-   facts-dev's own rules) through the ``qa-fewshot`` template. Answers are cached
-   (~/.cache/abstain), so a rerun asks nothing.
+   facts-dev's own rules; both ship in ``proxy/data``) through the ``qa-fewshot``
+   template. Answers are cached (~/.cache/abstain), so a rerun asks nothing.
 2. ``--refit`` rewrites the shipped calibration from all of facts-dev with
    ``abstain calibrate`` (the choice by 5-fold cross-validated Brier score). facts-extra
    is never fitted on: it is the held-out set, 549 questions, so that its ECE is judged
@@ -16,8 +16,9 @@
    held-out ECE / AUROC / Brier beside the ECE a perfectly calibrated model would show.
 4. Judges the procedure (choose by CV, fit, apply) once more, cross-fitted over both sets
    (5 outer folds, the choice made inside each training part, 5 seeds): every question
-   is judged by a calibration that never saw it. With ``--nq``, also checks by
-   cross-validation whether adding the NQ-open sample to the fit data would help.
+   is judged by a calibration that never saw it. With ``--nq nq-open`` (or another
+   set's path), also checks by cross-validation whether adding the NQ-open sample to the
+   fit data would help.
 5. Runs ``abstain eval`` on facts-extra through the in-process proxy with the shipped
    calibration, writing the table and both charts to ``benchmarks/results/``, and prints
    which of the issue's targets were met.
@@ -38,26 +39,26 @@ import numpy as np
 
 from proxy import local_model
 from proxy.cli import main as abstain
-from proxy.confidence import fitting
+from proxy.confidence import fitting, selective
 from proxy.confidence.calibration import Calibrator, load_calibration
-from proxy.confidence.logprobs import LOGISTIC_FEATURES, SCORES, as_probability
-from proxy.evaluation import datasets, runner, selective
+from proxy.confidence.features import LOGISTIC_FEATURES, uncalibrated
+from proxy.confidence.features import LOGPROB_SCORES as SCORES
+from proxy.evaluation import datasets, runner
 from proxy.evaluation.calibrate import Labelled, fit_method, label
+from proxy.evaluation.commands import DEFAULT_CACHE
 from proxy.evaluation.grading import MatchGrader
 from proxy.evaluation.prompts import get_template
 
 ROOT = Path(__file__).resolve().parent.parent
-# Run as a script, this file's directory is on the path but the checkout is not.
-sys.path.insert(0, str(ROOT))
-from benchmarks import facts_extra  # noqa: E402
-
-# The shared data sits beside the project checkout (../shared/data), on CI as here.
-DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "facts-dev.jsonl"
+# The packaged question sets (proxy/data): fitted on facts-dev, judged on facts-extra.
+DATASET = datasets.resolve("facts-dev")
+HELD_OUT = datasets.resolve("facts-extra")
 SHIPPED = ROOT / "policies" / "calibration" / "gemma-3-270m.json"
 RESULTS = ROOT / "benchmarks" / "results"
 POLICY = ROOT / "policies" / "default.yaml"
 MODEL = local_model.MODEL_ALIAS
-CACHE = Path.home() / ".cache" / "abstain" / "generations"
+#: The answers ``abstain calibrate/eval`` cache, shared so that both see the same ones.
+CACHE = DEFAULT_CACHE
 BINS, KINDS = 10, ("isotonic", "platt", "histogram")
 #: The thresholds of the cross-fitted table (the eval table has these too).
 THRESHOLDS = (0.1, 0.25, 0.5, 0.75)
@@ -114,7 +115,7 @@ def _held_out_table(fit: Labelled, held: Labelled) -> list[str]:
     ]
     for score in SCORES:
         x = held.features[score]
-        raw = np.array([as_probability(score, float(v)) for v in x[~np.isnan(x)]])
+        raw = np.array([uncalibrated(score, float(v)) for v in x[~np.isnan(x)]])
         keep = ~np.isnan(fit.features[score])
         for kind in KINDS:
             cal = fitting.FITTERS[kind](fit.features[score][keep], fit.correct[keep], score)
@@ -236,17 +237,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-url", help="a running reference model (default: start one)")
     parser.add_argument("--refit", action="store_true", help="rewrite the shipped calibration")
-    parser.add_argument("--nq", type=Path, help="also test whether this NQ sample helps the fit")
+    parser.add_argument("--nq", help="also test whether this set (e.g. nq-open) helps the fit")
     args = parser.parse_args()
+    try:
+        nq = None if args.nq is None else datasets.resolve(args.nq)
+    except datasets.DatasetError as exc:
+        parser.error(str(exc))
 
-    held_out = facts_extra.build()
     with local_model.serving(args.model_url) as url:
         common = ["--model", MODEL, "--cache-dir", str(CACHE)]
         if args.refit:
-            refit = ["calibrate", "--dataset", str(DATASET), *common, "--base-url", url]
+            refit = ["calibrate", "--dataset", "facts-dev", *common, "--base-url", url]
             if abstain([*refit, "--out", str(SHIPPED)]) != 0:
                 return 1
-        fit, held = _asked(DATASET, url), _asked(held_out, url)
+        fit, held = _asked(DATASET, url), _asked(HELD_OUT, url)
         lines = [
             f"Fitted on facts-dev: {fit.n} answers ({fit.correct.mean():.1%} right); held out: "
             f"facts-extra, {held.n} ({held.correct.mean():.1%} right). ECE over {BINS} "
@@ -269,11 +273,11 @@ def main() -> int:
             "",
             *_cross_fitted(_concat(fit, held)),
         ]
-        if args.nq is not None:
-            lines += ["", _nq_helps(fit, args.nq, url)]
+        if nq is not None:
+            lines += ["", _nq_helps(fit, nq, url)]
         print("\n" + "\n".join(lines) + "\n")
 
-        ev = ["eval", "--dataset", str(held_out), *common, "--policy", str(POLICY)]
+        ev = ["eval", "--dataset", "facts-extra", *common, "--policy", str(POLICY)]
         ev += ["--calibration", str(SHIPPED), "--upstream-url", url, "--out", str(RESULTS)]
         if abstain(ev) != 0:
             return 1

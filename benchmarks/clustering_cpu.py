@@ -17,14 +17,9 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from proxy.confidence.consistency import (  # noqa: E402 - after the path set-up
+from proxy.confidence.consistency import (
     EXACT,
     NUMERIC,
     Matcher,

@@ -20,7 +20,7 @@ What it does, on facts-dev with Gemma 3 270M base via ``/v1/completions``:
 2. **Samples**: 8 per question through the proxy's own sampler
    (:func:`proxy.sampling.draw_samples` with an :class:`OpenAIHTTPUpstream`, fixed
    budget, no stopping; single requests, as the server ignores ``n``), drawn and cached by
-   :mod:`proxy.evaluation.sampled` exactly as ``abstain calibrate --method
+   :mod:`proxy.evaluation.offline_samples` exactly as ``abstain calibrate --method
    consistency|hybrid`` draws them: the two share the cache. Every candidate sampling
    temperature is drawn for the fit part; the temperature whose agreement ranks best on
    the fit part (never the held-out part) is then drawn for the held-out part.
@@ -50,7 +50,7 @@ What it does, on facts-dev with Gemma 3 270M base via ``/v1/completions``:
 6. **The shipped hybrid calibration**, ``policies/calibration/gemma-3-270m-hybrid.json``,
    is fitted by the CLI on the fit part, not by this script::
 
-       abstain calibrate --dataset ../shared/data/facts-dev.jsonl --split fit \
+       abstain calibrate --dataset facts-dev --split fit \
            --model gemma-3-270m --base-url URL --method hybrid --matcher embedding \
            --embedding-threshold 0.7 --temperature 0.7 --out policies/calibration/...
 
@@ -87,7 +87,7 @@ import numpy as np
 import numpy.typing as npt
 
 from proxy import local_model
-from proxy.confidence import fitting
+from proxy.confidence import fitting, selective
 from proxy.confidence.calibration import Calibration, Calibrator, Logistic, load_calibration
 from proxy.confidence.consistency import EXACT, NUMERIC, Matcher, matcher_by_name, score_agreement
 from proxy.confidence.embedding import (
@@ -96,43 +96,44 @@ from proxy.confidence.embedding import (
     Encoder,
     load_minilm_encoder,
 )
+from proxy.confidence.features import AGREEMENT_SCORES, HYBRID_FEATURES, LOGPROB_SCORES
+from proxy.confidence.features import HYBRID_AGREEMENT_FEATURES as AGREEMENT_FEATURES
+from proxy.confidence.features import HYBRID_LOGPROB_FEATURES as LOGPROB_FEATURES
 from proxy.confidence.stopping import StoppingRule, agreement_cutpoint
-from proxy.evaluation import datasets, runner, sampled, selective
+from proxy.evaluation import datasets, offline_samples, runner
+from proxy.evaluation.commands import DEFAULT_CACHE
 from proxy.evaluation.grading import MatchGrader
 from proxy.evaluation.prompts import get_template
-from proxy.evaluation.sampled import AGREEMENT_FEATURES, HYBRID_FEATURES, LOGPROB_FEATURES
 from proxy.protocol import Kind
-from proxy.sampling import SamplingParams, SamplingResult, draw_samples
+from proxy.sampling.draw import SamplingParams, SamplingResult, draw_samples
 
 Array = npt.NDArray[np.float64]
 
 ROOT = Path(__file__).resolve().parent.parent
-# The shared data sits beside the project checkout (../shared/data), on CI as here.
-DATASET = Path(__file__).resolve().parents[2] / "shared" / "data" / "facts-dev.jsonl"
+#: The packaged question set (proxy/data) the shipped hybrid calibration was fitted on.
+DATASET = "facts-dev"
 MODEL = local_model.MODEL_ALIAS
-CACHE = sampled.SAMPLE_CACHE_DIR
+CACHE = offline_samples.SAMPLE_CACHE_DIR
 #: where ``abstain calibrate/eval`` and benchmarks/calibration_eval.py cache greedy answers
-EVAL_CACHE = Path.home() / ".cache" / "abstain" / "generations"
+EVAL_CACHE = DEFAULT_CACHE
 RESULTS = ROOT / "benchmarks" / "results"
 CALIBRATION = ROOT / "policies" / "calibration" / "gemma-3-270m-hybrid.json"
 TEMPLATE = get_template("qa-fewshot")
 KIND: Kind = "completions"
 HELD_OUT, SPLIT_SEED, BINS, BOOTSTRAP = 0.4, 0, 10, 2000
 
-LOGPROB_SCORES = ("mean_logprob", "min_logprob", "sequence_prob", "mean_entropy")
 EMBEDDING_GRID = (0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
-AGREEMENT_SCORES = ("agreement", "agreement_smoothed", "majority_share", "semantic_entropy")
 
 
 # ---------------------------------------------------------------------------- drawing
 
 
 def sampling_params(temperature: float, samples: int) -> SamplingParams:
-    return sampled.sampling_params(temperature, samples)
+    return offline_samples.sampling_params(temperature, samples)
 
 
 def sample_key(question: datasets.Question, params: SamplingParams) -> str:
-    return sampled.sample_key(question, TEMPLATE, MODEL, params)
+    return offline_samples.sample_key(question, TEMPLATE, MODEL, params)
 
 
 async def draw_all(
@@ -140,11 +141,11 @@ async def draw_all(
     params: SamplingParams,
     *,
     url: str,
-    cache: sampled.SampleCache,
+    cache: offline_samples.SampleCache,
     concurrency: int,
 ) -> dict[str, list[str]]:
     """Draw (or read back) ``params.samples`` samples per question through the sampler."""
-    drawn = await sampled.draw_all(
+    drawn = await offline_samples.draw_all(
         questions, TEMPLATE, params, model=MODEL, base_url=url, cache=cache, concurrency=concurrency
     )
     if drawn.failed:
@@ -218,7 +219,9 @@ class Part:
             drawn = self.samples[temperature][i]
             if used is not None:
                 drawn = drawn[: used[i]]
-            rows.append({**self.logprob[i], **sampled.agreement_features(ref, drawn, matcher)})
+            rows.append(
+                {**self.logprob[i], **offline_samples.agreement_features(ref, drawn, matcher)}
+            )
         names = LOGPROB_SCORES + AGREEMENT_SCORES
         return {n: np.array([r.get(n, np.nan) for r in rows], dtype=np.float64) for n in names}
 
@@ -655,7 +658,9 @@ def load_parts(
         )
 
     fit, held = part("fit", fit_q), part("held-out", held_q)
-    samples_cache = sampled.SampleCache(sampled.sample_cache_path(args.cache_dir, name, MODEL))
+    samples_cache = offline_samples.SampleCache(
+        offline_samples.sample_cache_path(args.cache_dir, name, MODEL)
+    )
     cost: dict[str, Any] = {}
 
     def draw(p: Part, qs: list[datasets.Question], temperature: float) -> None:
@@ -691,7 +696,11 @@ def main() -> int:
         "on the reference model; see the module docstring.",
     )
     parser.add_argument("--model-url", help="a running reference model (default: start one)")
-    parser.add_argument("--dataset", type=Path, default=DATASET)
+    parser.add_argument(
+        "--dataset",
+        default=DATASET,
+        help=f"question set: a packaged one ({', '.join(datasets.PACKAGED)}) or a file",
+    )
     parser.add_argument("--limit", type=int, help="smoke run on this many questions")
     parser.add_argument(
         "--temperatures",
@@ -727,6 +736,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.save and args.limit is not None:
         parser.error("--save writes the committed results: run it on every question")
+    try:
+        datasets.resolve(args.dataset)  # before a model is started for nothing
+    except datasets.DatasetError as exc:
+        parser.error(str(exc))
 
     with local_model.serving(args.model_url) as url:
         fit, held, t, temp_lines, cost = load_parts(url, args)

@@ -20,14 +20,15 @@ from prometheus_client import CollectorRegistry
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from proxy.decisions import DecisionLog
+from proxy.decision_log import DecisionLog
 from proxy.errors import BadRequest, ProxyError
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
-from proxy.policy_loader import PolicyStore
+from proxy.policy.loading import PolicyStore
+from proxy.recording import Recorder
 from proxy.routes import router
 from proxy.settings import Settings, environment
-from proxy.upstream.base import UpstreamPool
+from proxy.upstream.pool import UpstreamPool
 
 log = logging.getLogger("abstain")
 
@@ -41,7 +42,7 @@ def _http_client(
     )
     if transport is None:
         # httpx's API over aiohttp's connection pool: same interface, ~3.5x the
-        # throughput of httpx's default pool under concurrency (DESIGN.md §4).
+        # throughput of httpx's default pool under concurrency (docs/performance.md).
         from httpx_aiohttp import AiohttpTransport
 
         transport = AiohttpTransport(limits=limits)
@@ -62,7 +63,7 @@ def create_app(
     registry: CollectorRegistry | None = None,
     env: Mapping[str, str] | None = None,
 ) -> FastAPI:
-    """Build the proxy. Raises :class:`~proxy.policy_loader.PolicyError` on a broken policy."""
+    """Build the proxy. Raises :class:`~proxy.policy.loading.PolicyError` on a broken policy."""
     settings = settings or Settings()
     metrics = Metrics(registry)
     env = environment() if env is None else env
@@ -81,6 +82,7 @@ def create_app(
         memory=settings.feedback_memory,
         on_error=metrics.decision_log_errors.inc,
     )
+    recorder = Recorder(metrics, decisions)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -89,7 +91,7 @@ def create_app(
         upstreams = UpstreamPool(client, env)
         upstreams.rebuild(store.current.spec.upstreams)
         app.state.upstreams = upstreams
-        app.state.pipeline = Pipeline(upstreams, metrics)
+        app.state.pipeline = Pipeline(upstreams, recorder)
         loop = asyncio.get_running_loop()
         watcher = None
         if settings.reload_interval_seconds > 0:
@@ -117,6 +119,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.store = store
     app.state.decisions = decisions
+    app.state.recorder = recorder
     app.include_router(router)
     app.add_exception_handler(ProxyError, _proxy_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from proxy.policy_loader import PolicyError, load_policy
+from proxy import local_model
+from proxy.policy.loading import PolicyError, load_policy
 
 DEFAULT_POLICY = Path("policies/default.yaml")
 
@@ -127,8 +128,6 @@ Metrics: http://{host}:{port}/metrics    Press Ctrl-C to stop.
 def cmd_up(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from proxy import local_model
-
     print(f"starting the local model ({local_model.MODEL_ALIAS}) on port {args.model_port} ...")
     proc = local_model.start(args.model_port)
     try:
@@ -157,8 +156,6 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_local_model(args: argparse.Namespace) -> int:
-    from proxy import local_model
-
     os.execv(sys.executable, local_model.server_command(args.port, args.host))
     return 0  # pragma: no cover - execv does not return
 
@@ -185,13 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--policy", type=Path, default=DEFAULT_POLICY)
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8080)
-    up.add_argument("--model-port", type=int, default=8081, help="must match the policy's base_url")
+    up.add_argument(
+        "--model-port",
+        type=int,
+        default=local_model.DEFAULT_PORT,
+        help="must match the policy's base_url",
+    )
     up.add_argument("--log-level", default="warning")
     up.set_defaults(func=cmd_up)
 
     local = sub.add_parser("local-model", help="run only the local reference model server")
     local.add_argument("--host", default="127.0.0.1")
-    local.add_argument("--port", type=int, default=8081)
+    local.add_argument("--port", type=int, default=local_model.DEFAULT_PORT)
     local.set_defaults(func=cmd_local_model)
 
     check = sub.add_parser("check-policy", help="validate a policy file")

@@ -1,15 +1,11 @@
-"""The decision log and the feedback loop.
+"""The decision log and the feedback loop: appending records, remembering responses.
 
-Every judged response is appended to a JSON Lines log (when a path is configured)::
-
-    {"type": "decision", "id": "cmpl-1", "choice": 0, "time": "2026-11-24T01:02:03Z",
-     "tenant": "clinic", "model": "gemma-3-270m", "method": "logprobs",
-     "scores": {"min_logprob": -0.3, ...}, "score_name": "min_logprob",
-     "confidence": 0.81, "calibrated": true, "threshold": 0.9, "decision": "abstain"}
-
-and ``POST /v1/feedback`` appends ``{"type": "feedback", "id", "choice", "time", "correct"}``.
-``abstain calibrate --from-log`` joins the two on (id, choice) to refit from production.
-Prompt and answer text are logged only when the tenant's rule says ``log_text: true``.
+Every judged response is appended to a JSON Lines log (when a path is configured), one
+:class:`~proxy.decision_records.DecisionRecord` per choice, and ``POST /v1/feedback``
+appends a :class:`~proxy.decision_records.FeedbackRecord`; the format is defined in
+:mod:`proxy.decision_records`. ``abstain calibrate --from-log`` joins the two on
+(id, choice) to refit from production. Prompt and answer text are logged only when the
+tenant's rule says ``log_text: true``.
 
 Recent verdicts are also kept in memory (bounded) so feedback can be binned by the
 confidence the proxy predicted; that index is per process, like the metrics.
@@ -23,13 +19,13 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
-from proxy.judge import Verdict
+from proxy.decision_records import DecisionRecord, FeedbackRecord, now
+from proxy.verdict import Verdict
 
 log = logging.getLogger("abstain.decisions")
 
@@ -44,10 +40,6 @@ class Remembered:
     tenant: str
     model: str
     confidences: tuple[float | None, ...]
-
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class DecisionLog:
@@ -67,10 +59,10 @@ class DecisionLog:
         self._fh: IO[bytes] | None = None
         self._last_error_logged = 0.0
 
-    def _write(self, records: Sequence[dict[str, Any]]) -> None:
+    def _write(self, records: Sequence[DecisionRecord | FeedbackRecord]) -> None:
         if self.path is None or not records:
             return
-        data = b"".join(orjson.dumps(r) + b"\n" for r in records)
+        data = b"".join(orjson.dumps(r.to_json()) + b"\n" for r in records)
         try:
             if self._fh is None:
                 # Opened lazily and re-opened after a failure, so a directory that
@@ -81,9 +73,9 @@ class DecisionLog:
         except OSError as exc:
             self._fh = None
             self._on_error()
-            now = time.monotonic()
-            if now - self._last_error_logged > _ERROR_LOG_INTERVAL:
-                self._last_error_logged = now
+            moment = time.monotonic()
+            if moment - self._last_error_logged > _ERROR_LOG_INTERVAL:
+                self._last_error_logged = moment
                 log.error("cannot write the decision log %s: %s", self.path, exc.strerror)
 
     def record(
@@ -101,41 +93,29 @@ class DecisionLog:
             self._recent.popitem(last=False)
         if self.path is None:
             return
-        now = _now()
-        records = []
-        for i, v in enumerate(verdicts):
-            record: dict[str, Any] = {
-                "type": "decision",
-                "id": response_id,
-                "choice": i,
-                "time": now,
-                "tenant": tenant,
-                "model": model,
-                **v.to_dict(),
-                "scores": dict(v.scores),
-            }
-            if texts is not None:
-                record["prompt"] = texts.get("prompt")
-                answers = texts.get("answers") or []
-                record["answer"] = answers[i] if i < len(answers) else None
-            records.append(record)
+        stamp = now()
+        answers = (texts or {}).get("answers") or []
+        records = [
+            DecisionRecord.of(
+                response_id,
+                i,
+                tenant,
+                model,
+                v,
+                time=stamp,
+                text=None
+                if texts is None
+                else (texts.get("prompt"), answers[i] if i < len(answers) else None),
+            )
+            for i, v in enumerate(verdicts)
+        ]
         self._write(records)
 
     def lookup(self, response_id: str) -> Remembered | None:
         return self._recent.get(response_id)
 
     def feedback(self, response_id: str, choice: int, correct: bool) -> None:
-        self._write(
-            [
-                {
-                    "type": "feedback",
-                    "id": response_id,
-                    "choice": choice,
-                    "time": _now(),
-                    "correct": correct,
-                }
-            ]
-        )
+        self._write([FeedbackRecord(response_id, choice, correct)])
 
     def close(self) -> None:
         if self._fh is not None:

@@ -1,108 +1,65 @@
-"""Turn one answer's raw scores into a verdict under a tenant's rule.
+"""The one place a verdict is made: evidence → scores → calibration → decision.
 
-Pure: scores in, :class:`Verdict` out. The pipeline computes scores (logprobs,
-agreement) and applies the verdict to the wire response.
+:func:`judge_call` takes a call's :class:`~proxy.evidence.CallEvidence` and the tenant's
+rule and returns one :class:`~proxy.verdict.Verdict` per choice. It does not know whether
+the evidence came from a complete response or a stream, nor how samples were drawn:
+
+* a choice the rule does not judge (method none, tool calls, JSON mode) is ``unjudged``;
+* the sampled methods read the choice's agreement with the samples, plus its logprob
+  scores for hybrid; when too few samples came back, the rule's ``on_sampling_error``
+  decides (judge on logprobs, answer, abstain, or fail with 502);
+* the score is mapped to P(correct) by the rule's calibration, or put on the 0-1 scale
+  without one (``calibrated: false``), and :func:`~proxy.policy.rules.decide` applies t;
+* text that already reached the client (passthrough) can only be annotated.
+
+Pure: no web or HTTP imports.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
-from proxy.confidence import consistency, logprobs
-from proxy.policy import Decision, Rule, decide
-
-
-@dataclass(slots=True)
-class Verdict:
-    """What the proxy decided about one answer, as shown to the client."""
-
-    decision: Decision
-    confidence: float | None
-    threshold: float
-    score: float | None
-    score_name: str
-    method: str
-    calibrated: bool
-    policy: str
-    samples: int | None = None
-    #: every raw score computed, for the decision log and calibration from production
-    scores: Mapping[str, float] = field(default_factory=dict)
-    reason: str | None = None
-
-    @property
-    def delivered(self) -> bool:
-        """Whether the client received the model's answer (possibly hedged or annotated)."""
-        return self.decision in ("answer", "hedge", "annotate")
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "decision": self.decision,
-            "confidence": None if self.confidence is None else round(self.confidence, 6),
-            "threshold": self.threshold,
-            "score": None if self.score is None else round(self.score, 6),
-            "score_name": self.score_name,
-            "method": self.method,
-            "calibrated": self.calibrated,
-            "policy": self.policy,
-        }
-        if self.samples is not None:
-            out["samples"] = self.samples
-        if self.reason:
-            out["reason"] = self.reason
-        return out
+from proxy.confidence.features import uncalibrated
+from proxy.confidence.stopping import expected_final_share
+from proxy.errors import UpstreamError
+from proxy.evidence import CallEvidence, ChoiceEvidence
+from proxy.policy.rules import Rule, decide
+from proxy.sampling.draw import SamplingResult
+from proxy.verdict import Verdict
 
 
-def uncalibrated(name: str, value: float | None) -> float | None:
-    """A raw score on the [0, 1] scale, for rules without a calibration file."""
-    if value is None:
-        return None
-    if name in consistency.SCORES:
-        return consistency.as_probability(name, value)
-    return logprobs.as_probability(name, value)
-
-
-def _hybrid_without_calibration(scores: Mapping[str, float], rule: Rule) -> float | None:
-    # Without a fitted logistic model, the plain mean of the two 0-1 scales: a
-    # placeholder that keeps both signals until `abstain calibrate` fits the weights.
-    parts = [
-        p
-        for p in (
-            uncalibrated(rule.score, scores.get(rule.score)),
-            uncalibrated(rule.consistency_score, scores.get(rule.consistency_score)),
-        )
-        if p is not None
-    ]
-    return sum(parts) / len(parts) if parts else None
-
-
-def judge(
-    scores: Mapping[str, float],
-    rule: Rule,
-    *,
-    method: str | None = None,
-    samples: int | None = None,
-) -> Verdict:
-    """Calibrate the rule's score and decide."""
-    name = rule.score
-    raw = scores.get(name)
-    calibrated = rule.calibration is not None
+def confidence_of(scores: Mapping[str, float], rule: Rule) -> float | None:
+    """P(correct) under the rule's calibration, or the uncalibrated 0-1 value without one."""
     if rule.calibration is not None:
-        p = rule.calibration(scores)
-    elif (method or rule.method) == "hybrid":
-        p = _hybrid_without_calibration(scores, rule)
-    else:
-        p = uncalibrated(name, raw)
+        return rule.calibration(scores)
+    if rule.method == "hybrid":
+        # Without a fitted logistic model, the plain mean of the two 0-1 scales: a
+        # placeholder that keeps both signals until `abstain calibrate` fits the weights.
+        parts = [
+            p
+            for p in (
+                uncalibrated(rule.score, scores.get(rule.score)),
+                uncalibrated(rule.consistency_score, scores.get(rule.consistency_score)),
+            )
+            if p is not None
+        ]
+        return sum(parts) / len(parts) if parts else None
+    return uncalibrated(rule.score, scores.get(rule.score))
+
+
+def verdict_on(scores: Mapping[str, float], rule: Rule, *, samples: int | None = None) -> Verdict:
+    """Calibrate the rule's score and decide."""
+    p = confidence_of(scores, rule)
     return Verdict(
         decision=decide(p, rule),
         confidence=p,
         threshold=rule.threshold,
-        score=raw,
-        score_name=name,
-        method=method or rule.method,
-        calibrated=calibrated,
-        policy=rule.tenant,
+        score=scores.get(rule.score),
+        score_name=rule.score,
+        method=rule.method,
+        calibrated=rule.calibration is not None,
+        tenant=rule.tenant,
         samples=samples,
         scores=scores,
         reason=None if p is not None else "no score could be computed for this answer",
@@ -119,6 +76,86 @@ def unjudged(rule: Rule, reason: str) -> Verdict:
         score_name=rule.score,
         method=rule.method,
         calibrated=rule.calibration is not None,
-        policy=rule.tenant,
+        tenant=rule.tenant,
         reason=reason,
     )
+
+
+def skip_reason(rule: Rule, *, tool_call: bool, json_mode: bool) -> str | None:
+    """Why an answer is passed through unjudged, or None when it is judged."""
+    if rule.method == "none":
+        return "the policy's method is none"
+    if tool_call and not rule.judge_tool_calls:
+        return "tool calls are not judged by this policy"
+    if json_mode and not rule.judge_json:
+        return "JSON-mode answers are not judged by this policy"
+    return None
+
+
+def _on_samples(choice: ChoiceEvidence, result: SamplingResult, rule: Rule) -> Verdict:
+    """The verdict on agreement with the samples (plus logprob scores, for hybrid)."""
+    agreement = choice.agreement
+    if not result.ok or agreement is None:
+        return _too_few_samples(choice, result, rule)
+    features = {**choice.scores, **agreement.features()}
+    if result.early_stopped and agreement.samples:
+        # Judge what the stopping rule predicted for the full budget, so the verdict
+        # and the reason sampling stopped cannot disagree.
+        budget = max(agreement.samples, result.budget - result.failures)
+        features["agreement"] = expected_final_share(agreement.agreeing, agreement.samples, budget)
+    return verdict_on(features, rule, samples=result.used)
+
+
+def _too_few_samples(choice: ChoiceEvidence, result: SamplingResult, rule: Rule) -> Verdict:
+    how = rule.sampling.on_error if rule.sampling is not None else "fallback"
+    if how == "error":
+        raise UpstreamError("Too few samples came back to judge the answer.", kind="sampling")
+    if how == "fallback" and rule.logprob_score in choice.scores:
+        lp_rule = dataclasses.replace(
+            rule, method="logprobs", score=rule.logprob_score, calibration=None
+        )
+        verdict = verdict_on(choice.scores, lp_rule, samples=result.used)
+    else:
+        verdict = verdict_on({}, rule, samples=result.used)
+        if how in ("answer", "abstain"):
+            verdict.decision = "answer" if how == "answer" else rule.action
+    verdict.reason = (
+        f"only {result.used} of {result.min_samples} required samples came back; "
+        f"decided by on_sampling_error={how}"
+    )
+    return verdict
+
+
+def judge_choice(choice: ChoiceEvidence, call: CallEvidence, rule: Rule) -> Verdict:
+    """One choice's verdict."""
+    reason = skip_reason(rule, tool_call=choice.tool_call, json_mode=call.json_mode)
+    if reason is not None:
+        return unjudged(rule, reason)
+    if call.sampling is not None:
+        verdict = _on_samples(choice, call.sampling, rule)
+    else:
+        verdict = verdict_on(choice.scores, rule)
+    if call.already_sent and verdict.decision in ("abstain", "hedge"):
+        # The text has already gone out: all that is left is to say so.
+        verdict.decision = "annotate"
+    return verdict
+
+
+def judge_call(call: CallEvidence, rule: Rule) -> list[Verdict]:
+    """Every choice's verdict, in the order of ``call.choices``."""
+    return [judge_choice(choice, call, rule) for choice in call.choices]
+
+
+def shown_answer(call: CallEvidence, rule: Rule) -> str | None:
+    """The answer to show instead of the model's, when the rule shows the samples' majority.
+
+    Only for a single-choice call: with ``n`` choices the client asked for ``n`` answers,
+    and replacing them all by one majority would erase what it asked for.
+    """
+    sampling = rule.sampling
+    if sampling is None or sampling.show != "majority" or len(call.choices) != 1:
+        return None
+    if call.sampling is None or not call.sampling.ok:
+        return None
+    agreement = call.choices[0].agreement
+    return agreement.majority_answer if agreement is not None else None

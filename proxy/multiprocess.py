@@ -28,7 +28,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from proxy.policy_loader import PolicyError, load_policy
+from proxy.policy.loading import PolicyError, load_policy
 from proxy.settings import Settings, environment
 
 #: The variable prometheus-client reads (at import) to switch to multiprocess mode.

@@ -1,8 +1,19 @@
-"""The request pipeline: upstream call → scores → calibration → decision → action.
+"""The request pipeline: upstream call → evidence → judge → rewrite, for one admitted call.
 
-Routes hand over a validated :class:`Call`; the pipeline returns the (rewritten)
-response and one :class:`~proxy.judge.Verdict` per choice. It knows the OpenAI wire
-format only through :mod:`proxy.protocol` and upstreams only through their protocol.
+Routes hand over a validated :class:`~proxy.call.Call`; :meth:`Pipeline.complete`
+returns the judged, rewritten response and one :class:`~proxy.verdict.Verdict` per
+choice, and :meth:`Pipeline.open_stream` an :class:`UpstreamStream` whose chunks the
+streaming layer relays before asking it for the verdicts. Both go down the same stages:
+
+1. the upstream request: the client's body, the upstream's model name, logprobs on;
+2. samples drawn alongside it, when the method needs them (:mod:`proxy.sampling`);
+3. evidence gathered from the answer (:mod:`proxy.evidence`), with the samples attached;
+4. verdicts, made in one place (:func:`proxy.judge.judge_call`);
+5. the rewrite (:mod:`proxy.rewrite`) or, for streams, the verdict chunk; and the record
+   of it all (:class:`~proxy.recording.Recorder`), where upstream time is observed once.
+
+It knows the OpenAI wire format only through :mod:`proxy.protocol` and upstreams only
+through their protocol.
 """
 
 from __future__ import annotations
@@ -10,215 +21,187 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
-from proxy.confidence.logprobs import scores_from_choice
+from proxy.call import Call
 from proxy.errors import UpstreamError
-from proxy.judge import Verdict, judge, unjudged
-from proxy.metrics import Metrics
-from proxy.policy import Route, Rule
-from proxy.protocol import (
-    Kind,
-    choice_text,
-    choices_of,
-    client_wants_logprobs,
-    is_tool_call,
-    set_choice_text,
-    upstream_body,
-    wants_json,
-)
-from proxy.sampled import Matchers, SamplingSession
-from proxy.sampled import observe as observe_sampling
-from proxy.sampling import SamplingResult
-from proxy.upstream.base import Upstream, UpstreamPool
+from proxy.evidence import CallEvidence, from_response
+from proxy.judge import judge_call, shown_answer, skip_reason
+from proxy.protocol import Kind, choices_of, upstream_body
+from proxy.recording import Recorder
+from proxy.rewrite import rewrite_response
+from proxy.sampling.session import Matchers, SamplingSession
+from proxy.upstream.base import Upstream
+from proxy.upstream.pool import UpstreamPool
+from proxy.verdict import Verdict
 
-Scores = Mapping[str, float]
-
-
-@dataclass(slots=True)
-class Call:
-    """One validated client request, with who sent it and the rule that applies."""
-
-    kind: Kind
-    body: dict[str, Any]
-    tenant: str
-    route: Route
-    rule: Rule
-    started: float = field(default_factory=time.perf_counter)
-    upstream_seconds: float = 0.0
-    #: the id of the response sent to the client (for feedback), once known
-    response_id: str | None = None
-    #: the model's own answers before any rewrite, kept only when the rule logs text
-    answers: list[str | None] | None = None
-
-    @property
-    def client_logprobs(self) -> bool:
-        return client_wants_logprobs(self.kind, self.body)
-
-    @property
-    def uses_logprobs(self) -> bool:
-        return self.rule.method in ("logprobs", "hybrid")
-
-
-def apply_verdict(kind: Kind, choice: dict[str, Any], verdict: Verdict, rule: Rule) -> None:
-    """Rewrite one choice according to its verdict (in place)."""
-    if verdict.decision == "abstain":
-        set_choice_text(kind, choice, rule.abstention_message)
-    elif verdict.decision == "hedge":
-        set_choice_text(kind, choice, rule.hedge_prefix + (choice_text(kind, choice) or ""))
-
-
-def skip_reason(call: Call, *, tool_call: bool) -> str | None:
-    """Why a choice is passed through unjudged, or None when it is judged."""
-    rule = call.rule
-    if rule.method == "none":
-        return "the policy's method is none"
-    if tool_call and not rule.judge_tool_calls:
-        return "tool calls are not judged by this policy"
-    if wants_json(call.body) and not rule.judge_json:
-        return "JSON-mode answers are not judged by this policy"
-    return None
+T = TypeVar("T")
 
 
 class Pipeline:
     """Runs calls against upstreams and judges their answers."""
 
-    def __init__(self, upstreams: UpstreamPool, metrics: Metrics) -> None:
+    def __init__(
+        self, upstreams: UpstreamPool, recorder: Recorder, matchers: Matchers | None = None
+    ) -> None:
         self.upstreams = upstreams
-        self.metrics = metrics
-        self.matchers = Matchers()
-
-    def upstream_request(self, call: Call) -> tuple[Upstream, dict[str, Any]]:
-        upstream = self.upstreams.get(call.route.upstream)
-        top = call.rule.top_logprobs if call.uses_logprobs else None
-        return upstream, upstream_body(call.kind, call.body, call.route.upstream_model, top)
-
-    def start_sampling(
-        self, call: Call, upstream: Upstream, body: dict[str, Any]
-    ) -> SamplingSession | None:
-        """Start drawing samples now, alongside the main answer, when the method needs them."""
-        sampling = call.rule.sampling
-        if sampling is None or skip_reason(call, tool_call=False) is not None:
-            return None
-        matcher = self.matchers.get(sampling)
-        return SamplingSession(call.rule, upstream, call.kind, body, matcher)
-
-    def upstream_failed(self, upstream: Upstream, exc: UpstreamError) -> None:
-        self.metrics.upstream_errors.labels(upstream.name, exc.kind).inc()
-
-    def observe_upstream(self, call: Call, upstream: Upstream, seconds: float) -> None:
-        call.upstream_seconds += seconds
-        self.metrics.upstream_latency.labels(upstream.name, call.route.model).observe(seconds)
+        self.recorder = recorder
+        self.matchers = matchers or Matchers()
 
     async def complete(self, call: Call) -> tuple[dict[str, Any], list[Verdict]]:
         """A non-streaming completion, judged and rewritten."""
-        upstream, body = self.upstream_request(call)
+        upstream, body = self._upstream_request(call)
         body.pop("stream", None)
         body.pop("stream_options", None)
-        session = self.start_sampling(call, upstream, body)
-        t0 = time.perf_counter()
+        session = self._start_sampling(call, upstream, body)
         try:
-            try:
-                response = await self._fetch(upstream, call.kind, body)
-            finally:
-                self.observe_upstream(call, upstream, time.perf_counter() - t0)
-            verdicts = await self.judge_response(call, response, session)
+            response = await self._timed(call, _fetch(upstream, call.kind, body))
+            evidence = from_response(call.kind, response, json_mode=call.json_mode)
+            call.response_id = ensure_id(response)
+            verdicts = await self._judge(call, evidence, session)
         except UpstreamError as exc:
-            self.upstream_failed(upstream, exc)
+            self.recorder.upstream_failed(call, exc)
             raise
         finally:
             # Failed, cancelled (client gone) or done: no sample may outlive the request.
             if session is not None:
                 session.cancel()
+        rewrite_response(
+            call.kind,
+            response,
+            verdicts,
+            call.rule,
+            keep_logprobs=call.client_logprobs,
+            shown=shown_answer(evidence, call.rule),
+        )
         return response, verdicts
 
-    @staticmethod
-    async def _fetch(upstream: Upstream, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
-        """One completion; ``n > 1`` fans out when the upstream ignores ``n``."""
-        n = body.get("n") or 1
-        if n == 1 or upstream.supports_n:
-            return await upstream.complete(kind, body)
-        single = {**body, "n": 1}
-        parts = await asyncio.gather(*(upstream.complete(kind, single) for _ in range(n)))
-        return merge_completions(parts)
+    async def open_stream(self, call: Call) -> UpstreamStream:
+        """Start the upstream stream and wait for its first chunk.
 
-    async def sample(
-        self, call: Call, session: SamplingSession, text: str | None, logprob_scores: Scores
-    ) -> SamplingResult:
-        """Hand the main answer to the sampler and wait for its samples."""
-        session.main_answer(text, logprob_scores)
-        result = await session.result()
-        observe_sampling(self.metrics, call.tenant, call.route.model, call.rule, result)
-        return result
+        Errors before the first chunk raise here, so the client still gets a status code.
+        """
+        upstream, body = self._upstream_request(call)
+        session = self._start_sampling(call, upstream, body)
+        stream = UpstreamStream(self, call, upstream.stream(call.kind, body), session)
+        try:
+            await stream.start()
+        except BaseException:
+            await stream.aclose()
+            raise
+        return stream
 
-    def judge_choice(
-        self,
-        call: Call,
-        *,
-        text: str | None,
-        logprob_scores: Scores,
-        tool_call: bool,
-        session: SamplingSession | None = None,
-        samples: SamplingResult | None = None,
-    ) -> tuple[Verdict, str | None]:
-        """One choice's verdict, and the answer to show instead when the rule says so."""
-        reason = skip_reason(call, tool_call=tool_call)
-        if reason is not None:
-            return unjudged(call.rule, reason), None
-        if session is not None and samples is not None:
-            return session.judge(text, logprob_scores, samples)
-        return judge(logprob_scores, call.rule), None
+    def finish(
+        self, call: Call, verdicts: list[Verdict], status: int, ttfb: float | None = None
+    ) -> None:
+        """The call is over (answered, failed or streamed out): record it."""
+        self.recorder.finished(call, verdicts, status, ttfb)
 
-    async def judge_response(
-        self, call: Call, response: dict[str, Any], session: SamplingSession | None = None
+    def _upstream_request(self, call: Call) -> tuple[Upstream, dict[str, Any]]:
+        upstream = self.upstreams.get(call.route.upstream)
+        top = call.rule.top_logprobs if call.uses_logprobs else None
+        return upstream, upstream_body(call.kind, call.body, call.route.upstream_model, top)
+
+    def _start_sampling(
+        self, call: Call, upstream: Upstream, body: dict[str, Any]
+    ) -> SamplingSession | None:
+        """Start drawing samples now, alongside the main answer, when the method needs them."""
+        sampling = call.rule.sampling
+        if sampling is None:
+            return None
+        if skip_reason(call.rule, tool_call=False, json_mode=call.json_mode) is not None:
+            return None
+        matcher = self.matchers.get(sampling)
+        return SamplingSession(call.rule, upstream, call.kind, body, matcher)
+
+    async def _timed(self, call: Call, waiting: Awaitable[T]) -> T:
+        """Wait on the upstream, adding the time to the call's upstream seconds."""
+        call.upstream_called = True
+        t0 = time.perf_counter()
+        try:
+            return await waiting
+        finally:
+            call.upstream_seconds += time.perf_counter() - t0
+
+    async def _judge(
+        self, call: Call, evidence: CallEvidence, session: SamplingSession | None
     ) -> list[Verdict]:
-        """Judge every choice, apply each verdict, attach them, and count them."""
-        kind, keep_logprobs = call.kind, call.client_logprobs
-        choices = choices_of(response)
-        call.response_id = ensure_id(response)
+        """Attach the samples (when drawn), judge every choice, and count the verdicts."""
+        if session is not None and evidence.choices:
+            self.recorder.sampling(call, await session.gather(evidence))
+        verdicts = judge_call(evidence, call.rule)
         if call.rule.log_text:
-            call.answers = [choice_text(kind, c) for c in choices]
-        scores = [scores_from_choice(c.get("logprobs")) for c in choices]
-        samples = None
-        if session is not None and choices:
-            samples = await self.sample(call, session, choice_text(kind, choices[0]), scores[0])
-        verdicts = []
-        for choice, lp in zip(choices, scores, strict=True):
-            verdict, shown = self.judge_choice(
-                call,
-                text=choice_text(kind, choice),
-                logprob_scores=lp,
-                tool_call=is_tool_call(kind, choice),
-                session=session,
-                samples=samples,
-            )
-            if shown is not None and len(choices) == 1:
-                set_choice_text(kind, choice, shown)
-            apply_verdict(kind, choice, verdict, call.rule)
-            if not keep_logprobs and "logprobs" in choice:
-                choice["logprobs"] = None
-            choice["abstention"] = verdict.to_dict()
-            verdicts.append(verdict)
-        if verdicts:
-            response["abstention"] = choices[0]["abstention"]
-        self.observe_verdicts(call, verdicts)
+            call.answers = evidence.texts
+        self.recorder.verdicts(call, verdicts)
         return verdicts
 
-    def observe_verdicts(self, call: Call, verdicts: Iterable[Verdict]) -> None:
-        m, tenant, model = self.metrics, call.tenant, call.route.model
-        for v in verdicts:
-            calibrated = "true" if v.calibrated else "false"
-            m.choices.labels(tenant, model, v.decision, calibrated).inc()
-            if v.confidence is None:
-                continue
-            m.confidence.labels(tenant, model, calibrated).observe(v.confidence)
-            miss = 1.0 - v.confidence
-            if v.delivered:
-                m.expected_errors.labels(tenant, model).inc(miss)
-            else:
-                m.expected_errors_avoided.labels(tenant, model).inc(miss)
+
+class UpstreamStream:
+    """An upstream stream in flight: its chunks, then the verdicts on what they carried."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        call: Call,
+        chunks: AsyncIterator[dict[str, Any]],
+        session: SamplingSession | None,
+    ) -> None:
+        self._pipeline = pipeline
+        self._call = call
+        self._chunks = chunks.__aiter__()
+        self._session = session
+        self._first: dict[str, Any] | None = None
+
+    @property
+    def samples(self) -> bool:
+        """Whether samples are being drawn (the judge then needs the streamed text)."""
+        return self._session is not None
+
+    async def start(self) -> None:
+        self._first = await self._next()
+
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        """Every chunk, the first one included; upstream errors are counted and re-raised."""
+        chunk = self._first
+        while chunk is not None:
+            yield chunk
+            chunk = await self._next()
+
+    async def verdicts(self, evidence: CallEvidence) -> list[Verdict]:
+        """The verdicts on what was streamed."""
+        try:
+            return await self._pipeline._judge(self._call, evidence, self._session)
+        except UpstreamError as exc:
+            self._pipeline.recorder.upstream_failed(self._call, exc)
+            raise
+
+    async def aclose(self) -> None:
+        """Release the upstream: done, failed, or the client went away."""
+        if self._session is not None:
+            self._session.cancel()
+        aclose = getattr(self._chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    async def _next(self) -> dict[str, Any] | None:
+        try:
+            return await self._pipeline._timed(self._call, anext(self._chunks))
+        except StopAsyncIteration:
+            return None
+        except UpstreamError as exc:
+            self._pipeline.recorder.upstream_failed(self._call, exc)
+            raise
+
+
+async def _fetch(upstream: Upstream, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
+    """One completion; ``n > 1`` fans out when the upstream ignores ``n``."""
+    n = body.get("n") or 1
+    if n == 1 or upstream.supports_n:
+        return await upstream.complete(kind, body)
+    single = {**body, "n": 1}
+    parts = await asyncio.gather(*(upstream.complete(kind, single) for _ in range(n)))
+    return merge_completions(parts)
 
 
 def merge_completions(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -245,14 +228,3 @@ def ensure_id(response: dict[str, Any]) -> str:
     if not isinstance(rid, str) or not rid:
         rid = response["id"] = f"abst-{uuid.uuid4().hex}"
     return rid
-
-
-def verdict_headers(verdicts: list[Verdict]) -> dict[str, str]:
-    """The verdict of the first choice, as response headers."""
-    if not verdicts:
-        return {}
-    v = verdicts[0]
-    headers: dict[str, str] = {"x-abstention-decision": v.decision}
-    if v.confidence is not None:
-        headers["x-abstention-confidence"] = f"{v.confidence:.4f}"
-    return headers

@@ -17,7 +17,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from proxy import streaming
-from proxy.decisions import DecisionLog
+from proxy.call import Call
+from proxy.decision_log import DecisionLog
 from proxy.errors import (
     BadRequest,
     ModelNotFound,
@@ -26,11 +27,12 @@ from proxy.errors import (
     ProxyError,
     Unauthorized,
 )
-from proxy.judge import Verdict
 from proxy.metrics import Metrics
-from proxy.pipeline import Call, Pipeline, verdict_headers
-from proxy.policy_loader import PolicyStore
+from proxy.pipeline import Pipeline
+from proxy.policy.loading import PolicyStore
 from proxy.protocol import Kind, parse_json_body, validate_request
+from proxy.recording import Recorder
+from proxy.rewrite import verdict_headers
 
 router = APIRouter()
 
@@ -75,26 +77,10 @@ def _tenant(store: PolicyStore, request: Request) -> str:
     return tenant
 
 
-def _record(
-    metrics: Metrics,
-    labels: _Labels,
-    verdicts: list[Verdict],
-    status: int,
-    started: float,
-    upstream_seconds: float,
-) -> None:
-    decision = verdicts[0].decision if verdicts else "none"
-    metrics.requests.labels(labels.tenant, labels.model, labels.route, decision, str(status)).inc()
-    metrics.overhead.labels(labels.route).observe(
-        max(0.0, time.perf_counter() - started - upstream_seconds)
-    )
-
-
 async def _completion(request: Request, kind: Kind) -> Response:
     started = time.perf_counter()
     state = request.app.state
     store: PolicyStore = state.store
-    metrics: Metrics = state.metrics
     pipeline: Pipeline = state.pipeline
     labels = _Labels(route=kind)
     call: Call | None = None
@@ -111,43 +97,24 @@ async def _completion(request: Request, kind: Kind) -> Response:
         labels.model = route.model
         call = Call(kind, body, tenant, route, policy.rule(tenant, route.model), started)
         if body.get("stream"):
-            return await _stream(pipeline, metrics, state.decisions, call, labels)
+            return await _stream(pipeline, call)
         response, verdicts = await pipeline.complete(call)
     except ProxyError as exc:
-        _record(metrics, labels, [], exc.status, started, call.upstream_seconds if call else 0.0)
+        if call is not None:
+            pipeline.finish(call, [], exc.status)
+        else:
+            recorder: Recorder = state.recorder
+            recorder.rejected(labels.route, labels.tenant, labels.model, exc.status, started)
         raise
-    _record(metrics, labels, verdicts, 200, started, call.upstream_seconds)
-    _remember(state.decisions, call, verdicts)
+    pipeline.finish(call, verdicts, 200)
     return Response(orjson.dumps(response), media_type=_JSON, headers=verdict_headers(verdicts))
 
 
-def _remember(decisions: DecisionLog, call: Call, verdicts: list[Verdict]) -> None:
-    if call.response_id is None or not verdicts:
-        return
-    texts = None
-    if call.rule.log_text:
-        texts = {
-            "prompt": call.body.get("messages", call.body.get("prompt")),
-            "answers": call.answers,
-        }
-    decisions.record(call.response_id, call.tenant, call.route.model, verdicts, texts)
-
-
-async def _stream(
-    pipeline: Pipeline, metrics: Metrics, decisions: DecisionLog, call: Call, labels: _Labels
-) -> Response:
-    mode = call.rule.streaming
-
-    def on_finish(verdicts: list[Verdict], status: int, ttfb: float | None) -> None:
-        _record(metrics, labels, verdicts, status, call.started, call.upstream_seconds)
-        _remember(decisions, call, verdicts)
-        if ttfb is not None:
-            metrics.ttfb.labels(labels.route, mode).observe(ttfb)
-
-    if mode == "passthrough":
-        stream = await streaming.passthrough(pipeline, call, on_finish)
+async def _stream(pipeline: Pipeline, call: Call) -> Response:
+    if call.rule.streaming == "passthrough":
+        stream = await streaming.passthrough(pipeline, call)
     else:
-        stream = await streaming.buffered(pipeline, call, on_finish)
+        stream = await streaming.buffered(pipeline, call)
     headers = {"cache-control": "no-cache", "x-accel-buffering": "no", **stream.headers}
     return StreamingResponse(stream.body, media_type="text/event-stream", headers=headers)
 

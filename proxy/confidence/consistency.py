@@ -12,9 +12,10 @@ answer in the first cluster whose first member it matches. From the clusters:
   distribution. Negated, like ``mean_entropy`` in :mod:`proxy.confidence.logprobs`, so
   that every score follows the proxy's convention: higher means more confident.
 
-These are the feature names (:data:`SCORES`) a calibration or a hybrid logistic model
-reads. Matchers: normalised exact match (default), numeric equivalence, and sentence
-embeddings (:mod:`proxy.confidence.embedding`, loaded only when asked for).
+These are the feature names (:data:`~proxy.confidence.features.AGREEMENT_SCORES`) a
+calibration or a hybrid logistic model reads. Matchers: normalised exact match
+(default), numeric equivalence, and sentence embeddings
+(:mod:`proxy.confidence.embedding`, loaded only when asked for).
 
 Pure: no web or HTTP imports, no model loaded at import.
 """
@@ -22,48 +23,23 @@ Pure: no web or HTTP imports, no model loaded at import.
 from __future__ import annotations
 
 import math
-import re
-import string
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from proxy.confidence.normalize import normalize_answer
 from proxy.confidence.numeric import numbers_equivalent, parse_number
 
-#: Score names this module produces; all oriented "higher = more confident".
-SCORES = ("agreement", "agreement_smoothed", "majority_share", "semantic_entropy")
-
-_SPACERS = "-‐‑‒–—―/\\"
-# Same rule as the evaluation grader: delete Unicode punctuation (category P), so "$" and
-# "+" (symbols) survive as in the grader. Precomputed for the ASCII fast path.
-_ASCII_TABLE = str.maketrans(
-    {c: None for c in string.printable if unicodedata.category(c).startswith("P")}
-    | dict.fromkeys("-/\\", " ")
-)
-_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, drop punctuation and the articles a/an/the, collapse white space.
-
-    SQuAD's rule, extended as in the evaluation grader: accents are folded ("São Tomé" =
-    "Sao Tome") and hyphens, dashes and slashes become spaces, so an answer counts as the
-    same here exactly when the grader would treat the two spellings alike.
-    """
-    if text.isascii():
-        # Fast path: nearly every answer is ASCII, and this is on the per-request path.
-        cleaned = text.lower().translate(_ASCII_TABLE)
-    else:
-        decomposed = unicodedata.normalize("NFKD", text)
-        folded = "".join(c for c in decomposed if not unicodedata.combining(c)).lower()
-        cleaned = "".join(
-            " " if c in _SPACERS else c
-            for c in folded
-            if c in _SPACERS or not unicodedata.category(c).startswith("P")
-        )
-    return " ".join(_ARTICLES.sub(" ", cleaned).split())
-
+__all__ = [
+    "EXACT",
+    "NUMERIC",
+    "Agreement",
+    "Matcher",
+    "cluster",
+    "matcher_by_name",
+    "normalize_answer",
+    "score_agreement",
+]
 
 T = TypeVar("T")
 
@@ -187,7 +163,7 @@ class Agreement:
         return self.agreeing / self.samples if self.samples else 0.0
 
     def features(self) -> dict[str, float]:
-        """The :data:`SCORES`; empty without samples, so the caller reports 'no score'."""
+        """The agreement scores; empty without samples, so the caller reports 'no score'."""
         if not self.samples:
             return {}
         return {
@@ -236,14 +212,3 @@ def score_agreement(
         entropy=max(0.0, entropy),
         clusters=len(counts),
     )
-
-
-def as_probability(score_name: str, value: float) -> float:
-    """Put an uncalibrated agreement score on the [0, 1] scale a threshold lives on.
-
-    Not a calibrated probability. exp(−entropy) is the inverse of the effective number
-    of distinct answers: 1 when the samples are unanimous.
-    """
-    if score_name == "semantic_entropy":
-        return min(1.0, max(0.0, math.exp(value)))
-    return min(1.0, max(0.0, value))

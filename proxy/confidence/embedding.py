@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from proxy.confidence.consistency import normalize_answer
+from proxy.confidence.normalize import normalize_answer
 from proxy.confidence.numeric import numbers_equivalent, parse_number
 
 #: Maps answers to one vector each: shape (len(answers), dim), any array-like.

@@ -17,7 +17,7 @@ makes the log loss of one surprise infinite.
 
 Selection: :func:`cross_validate` produces out-of-fold predictions with stratified K-fold,
 :func:`select` fits every (score, calibrator) candidate that way and ranks them by held-out
-Brier score (default) or log loss; :mod:`proxy.evaluation.selective` supplies the metrics.
+Brier score (default) or log loss; :mod:`proxy.confidence.selective` supplies the metrics.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from proxy.confidence import consistency
+from proxy.confidence import selective
 from proxy.confidence.calibration import Calibrator, Histogram, Isotonic, Logistic, Platt
-from proxy.confidence.logprobs import as_probability
-from proxy.evaluation import selective
+from proxy.confidence.features import uncalibrated
 
 Array = npt.NDArray[np.float64]
 SingleFitter = Callable[[Array, Array, str], Calibrator]
@@ -285,14 +284,6 @@ def fitter(kind: str, names: Sequence[str]) -> Fit:
     return lambda X, y: single(X[:, 0], y, names[0])
 
 
-def _uncalibrated(name: str, value: float) -> float:
-    # The proxy's mapping without a calibration; agreement scores have their own
-    # (semantic entropy is a negated entropy, not a probability).
-    if name in consistency.SCORES:
-        return consistency.as_probability(name, value)
-    return as_probability(name, value)
-
-
 def candidate(
     kind: str,
     features: Mapping[str, npt.ArrayLike],
@@ -313,7 +304,8 @@ def candidate(
     X, y = X[keep], y[keep]
     fit = fitter(kind, names)
     oof = cross_validate(X, y, names, fit, folds, seed)
-    raw = np.array([_uncalibrated(names[0], float(v)) for v in X[:, 0]])
+    # The proxy's own mapping without a calibration: what a rule without one would say.
+    raw = np.array([uncalibrated(names[0], float(v)) for v in X[:, 0]], dtype=np.float64)
     cand = Candidate(
         score=names[0],
         kind=kind,

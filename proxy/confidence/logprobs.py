@@ -5,7 +5,8 @@ Both OpenAI wire shapes are read in place, without copying the token list:
 * chat: ``choice.logprobs.content = [{"token", "logprob", "top_logprobs": [{"token", "logprob"}]}]``
 * completions: ``choice.logprobs = {"tokens", "token_logprobs", "top_logprobs": [{tok: lp}]}``
 
-Every score is oriented so that higher means more confident.
+Every score is oriented so that higher means more confident; the names and what each
+reads are listed in :mod:`proxy.confidence.features`.
 """
 
 from __future__ import annotations
@@ -13,28 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
-
-#: Score names the policy and calibration files may refer to.
-SCORES = (
-    "mean_logprob",
-    "min_logprob",
-    "sequence_prob",
-    "mean_entropy",
-    "first_logprob",
-    "first_margin",
-)
-
-#: Inputs of the multi-score logistic calibration: every score that adds information
-#: (sequence_prob is nearly a function of mean_logprob and the length) plus the answer's
-#: length, which ranks nothing alone but tells the model how far to trust a mean.
-LOGISTIC_FEATURES = (
-    "mean_logprob",
-    "min_logprob",
-    "mean_entropy",
-    "first_logprob",
-    "first_margin",
-    "log_length",
-)
 
 
 def _chat_tokens(logprobs: Mapping[str, Any]) -> tuple[list[float], list[list[float]]]:
@@ -105,7 +84,7 @@ def scores_from_tokens(
 ) -> dict[str, float]:
     """All logprob scores of one answer; empty when the answer has no scored tokens.
 
-    Besides the :data:`SCORES` the result holds ``log_length`` (log of the token count),
+    Besides the rankable scores the result holds ``log_length`` (log of the token count),
     an input of the logistic calibration only.
     """
     if not lps:
@@ -137,18 +116,3 @@ def scores_from_choice(choice_logprobs: Mapping[str, Any] | None) -> dict[str, f
     """All logprob scores of a choice's ``logprobs`` field (either wire shape)."""
     lps, tops = token_logprobs(choice_logprobs)
     return scores_from_tokens(lps, tops)
-
-
-def as_probability(score_name: str, value: float) -> float:
-    """Map a raw score into [0, 1] when no calibration is loaded.
-
-    This is *not* a calibrated probability (responses say ``calibrated: false``); it only
-    puts every score on the scale a threshold lives on: exp of a logprob is a token
-    probability, exp of minus the entropy is the effective inverse branching factor.
-    """
-    if score_name in ("mean_logprob", "min_logprob", "mean_entropy", "first_logprob"):
-        return min(1.0, max(0.0, math.exp(value)))
-    if score_name == "first_margin":
-        # The chosen token's share of the two-way race against its strongest rival.
-        return 1.0 / (1.0 + math.exp(-max(-35.0, min(35.0, value))))
-    return min(1.0, max(0.0, value))

@@ -11,19 +11,13 @@ Sampling stops as soon as that is settled:
 * ``decided``: whatever the remaining samples say, the final share lands on the same
   side of t (exact, no risk);
 * ``above``: P(final share > t) > 1 − risk;
-* ``below``: P(final share ≤ t) > 1 − risk;
-* ``majority`` (opt-in): the leading answer is ahead by more than the samples left, so
-  the majority answer cannot change.
+* ``below``: P(final share ≤ t) > 1 − risk.
 
 Predicting the final share rather than testing r itself matters when t is near 0 or 1:
 a calibration that needs 8 of 8 samples to agree puts t just under 1, and a test on r
 would call "below" after two agreeing samples although 8 of 8 was still likely. When
 sampling stops early, :func:`expected_final_share` is the agreement the verdict uses, so
 the decision matches what the stopping rule predicted for the full budget.
-
-The majority rule fixes *which* answer wins, not whether it clears t, so it is off
-unless the caller needs just the answer (e.g. the policy shows the majority answer and
-only annotates).
 
 t here is a cut-point on the agreement share, not on P(correct): with a calibration,
 :func:`agreement_cutpoint` finds the agreement at which the calibrated probability
@@ -37,59 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-StopReason = Literal["above", "below", "decided", "majority", "continue"]
-
-_CF_ITERATIONS = 300
-_CF_EPSILON = 1e-14
-_TINY = 1e-300
-
-
-def _beta_continued_fraction(x: float, a: float, b: float) -> float:
-    """Continued fraction of the incomplete beta function, by the modified Lentz method."""
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > _TINY else _TINY)
-    result = d
-    for m in range(1, _CF_ITERATIONS + 1):
-        # Even step, then odd step, of the expansion 1 / (1 + d1 / (1 + d2 / ...)).
-        for coeff in (
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1.0 + coeff * d
-            d = 1.0 / (d if abs(d) > _TINY else _TINY)
-            c = 1.0 + coeff / c
-            c = c if abs(c) > _TINY else _TINY
-            result *= c * d
-        if abs(c * d - 1.0) < _CF_EPSILON:
-            break
-    return result
-
-
-def beta_cdf(x: float, a: float, b: float) -> float:
-    """P(X ≤ x) for X ~ Beta(a, b): the regularised incomplete beta function I_x(a, b)."""
-    if a <= 0 or b <= 0:
-        raise ValueError("Beta parameters must be positive")
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = (
-        math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    )
-    front = math.exp(log_front)
-    # The fraction converges fast only left of the mean; use I_x(a,b) = 1 − I_{1−x}(b,a).
-    if x < (a + 1.0) / (a + b + 2.0):
-        return min(1.0, front * _beta_continued_fraction(x, a, b) / a)
-    return max(0.0, 1.0 - front * _beta_continued_fraction(1.0 - x, b, a) / b)
-
-
-def prob_above(
-    agreeing: int, drawn: int, threshold: float, prior: tuple[float, float] = (1.0, 1.0)
-) -> float:
-    """Posterior P(r > threshold) after ``agreeing`` of ``drawn`` samples agreed."""
-    if not 0 <= agreeing <= drawn:
-        raise ValueError("need 0 <= agreeing <= drawn")
-    return 1.0 - beta_cdf(threshold, prior[0] + agreeing, prior[1] + drawn - agreeing)
+StopReason = Literal["above", "below", "decided", "continue"]
 
 
 def _log_beta(a: float, b: float) -> float:
@@ -148,8 +90,6 @@ class StoppingRule:
     #: Beta prior pseudo-counts; (1, 1) is uniform, (0.5, 0.5) Jeffreys
     prior_agree: float = 1.0
     prior_disagree: float = 1.0
-    #: also stop once the majority answer cannot change
-    stop_on_settled_majority: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.threshold <= 1.0:
@@ -176,14 +116,11 @@ def check(
     agreeing: int,
     drawn: int,
     budget: int,
-    majority: int = 0,
-    runner_up: int = 0,
 ) -> StopCheck:
     """Whether sampling can stop after ``drawn`` of ``budget`` samples.
 
-    ``agreeing`` counts samples in the answer's cluster; ``majority`` and ``runner_up``
-    are the two largest clusters' sizes (used only by the majority rule). With nothing
-    drawn the check never stops: a prior alone decides nothing.
+    ``agreeing`` counts samples in the answer's cluster. With nothing drawn the check
+    never stops: a prior alone decides nothing.
     """
     if drawn > budget:
         raise ValueError("drawn exceeds budget")
@@ -200,8 +137,6 @@ def check(
         return StopCheck(True, "above", p_above)
     if 1.0 - p_above > 1.0 - rule.risk:
         return StopCheck(True, "below", p_above)
-    if rule.stop_on_settled_majority and majority - runner_up > remaining:
-        return StopCheck(True, "majority", p_above)
     return StopCheck(False, "continue", p_above)
 
 

@@ -1,7 +1,7 @@
 """The ``abstain calibrate`` workflow: graded answers in, a calibration file out.
 
 Answers (asked by :mod:`proxy.evaluation.runner`, with agreement features from
-:mod:`proxy.evaluation.sampled` for the sampling methods, or read back from the proxy's
+:mod:`proxy.evaluation.offline_samples` for the sampling methods, or read back from the proxy's
 decision log) are turned into one array per raw score plus a right/wrong array; every
 requested (score, calibrator) pair is judged on held-out folds by
 :func:`proxy.confidence.fitting.select`; the best one, refitted on every answer, becomes
@@ -21,14 +21,18 @@ import numpy as np
 import numpy.typing as npt
 
 from proxy.confidence.calibration import Calibration, Calibrator, Logistic
-from proxy.confidence.consistency import SCORES as AGREEMENT_SCORES
+from proxy.confidence.features import (
+    AGREEMENT_SCORES,
+    HYBRID_FEATURES,
+    LOGISTIC_FEATURES,
+    LOGPROB_SCORES,
+)
+from proxy.confidence.features import HYBRID_AGREEMENT_FEATURES as AGREEMENT_FEATURES
+from proxy.confidence.features import HYBRID_LOGPROB_FEATURES as LOGPROB_FEATURES
 from proxy.confidence.fitting import KINDS, Candidate, candidate, select
-from proxy.confidence.logprobs import LOGISTIC_FEATURES
-from proxy.confidence.logprobs import SCORES as LOGPROB_SCORES
 from proxy.evaluation.datasets import Question
 from proxy.evaluation.grading import Grader
 from proxy.evaluation.runner import Generation
-from proxy.evaluation.sampled import AGREEMENT_FEATURES, HYBRID_FEATURES, LOGPROB_FEATURES
 
 Array = npt.NDArray[np.float64]
 

@@ -2,17 +2,19 @@
 
 ::
 
-    abstain calibrate --dataset FILE --model NAME [--base-url URL] [--score NAME]
+    abstain calibrate --dataset SET --model NAME [--base-url URL] [--score NAME]
                       [--calibrators isotonic,platt,histogram] --out FILE
-    abstain calibrate --dataset FILE --model NAME --method consistency|hybrid
+    abstain calibrate --dataset SET --model NAME --method consistency|hybrid
                       [--samples 8] [--temperature 0.7] [--matcher exact|numeric|embedding]
                       [--embedding-threshold 0.8] --out FILE
     abstain calibrate --from-log PATH [--model NAME] [--score NAME] --out FILE
-    abstain eval --dataset FILE --model NAME [--policy FILE | --base-url URL | --direct]
+    abstain eval --dataset SET --model NAME [--policy FILE | --base-url URL | --direct]
                  [--thresholds 0,0.5,0.75,0.9] --out DIR
 
+``SET`` is a packaged question set by short name (``facts-dev``, ``facts-extra``,
+``nq-open``: :data:`proxy.evaluation.datasets.PACKAGED`) or the path of a JSON Lines file.
 The work lives in :mod:`~proxy.evaluation.calibrate`, :mod:`~proxy.evaluation.evaluate`,
-:mod:`~proxy.evaluation.runner` and :mod:`~proxy.evaluation.sampled`; this module only
+:mod:`~proxy.evaluation.runner` and :mod:`~proxy.evaluation.offline_samples`; this module only
 wires them to the command line.
 """
 
@@ -26,11 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from proxy.confidence.consistency import MATCHERS
+from proxy.evaluation.datasets import CACHE_DIR, PACKAGED
+from proxy.local_model import DEFAULT_PORT
 
 METHODS = ("logprobs", "consistency", "hybrid")
 
-DEFAULT_MODEL_URL = "http://127.0.0.1:8081/v1"
-DEFAULT_CACHE = Path.home() / ".cache" / "abstain" / "generations"
+DEFAULT_MODEL_URL = f"http://127.0.0.1:{DEFAULT_PORT}/v1"
+#: Greedy answers' cache: abstain calibrate/eval's default, and the benchmarks'.
+DEFAULT_CACHE = CACHE_DIR / "generations"
 
 
 def _thresholds(text: str) -> list[float]:
@@ -64,7 +69,7 @@ def _sampling(p: argparse.ArgumentParser) -> None:
     threshold_help = "cosine at which the embedding matcher merges answers (default 0.8)"
     g.add_argument("--embedding-threshold", type=_within(float, -1, 1), help=threshold_help)
     g.add_argument("--use-n", action="store_true", help="ask for every sample in one request")
-    cache_help = "sample cache (default ~/.cache/abstain/consistency, the benchmark's too)"
+    cache_help = f"sample cache (default {CACHE_DIR / 'consistency'}, the benchmark's too)"
     g.add_argument("--samples-cache-dir", type=Path, help=cache_help)
 
 
@@ -73,7 +78,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     from proxy.evaluation.grading import GRADERS
     from proxy.evaluation.prompts import TEMPLATES
 
-    p.add_argument("--dataset", type=Path, help="question set (JSON Lines)")
+    dataset_help = f"question set: a packaged one ({', '.join(PACKAGED)}) or a JSON Lines file"
+    p.add_argument("--dataset", help=dataset_help)
     p.add_argument("--model", help="model name to ask (and to record)")
     p.add_argument("--template", default="qa-fewshot", choices=sorted(TEMPLATES))
     p.add_argument("--grader", default="match", choices=sorted(GRADERS))
@@ -84,7 +90,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=2, help="requests in flight")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--api-key", help="sent as a bearer token (a proxy may need one)")
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+    p.add_argument(
+        "--cache-dir", type=Path, default=DEFAULT_CACHE, help="answer cache (default %(default)s)"
+    )
     p.add_argument("--no-cache", action="store_true", help="ask again, store nothing")
     p.add_argument("--ece-bins", type=int, default=10)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -175,7 +183,7 @@ def _ask(args: argparse.Namespace, questions: Any, **where: Any) -> Any:
 def _from_dataset(args: argparse.Namespace, method: str) -> Any:
     """(labelled answers, fitted_on) from asking the question set, or an error message."""
     from proxy.confidence.embedding import EmbeddingUnavailable
-    from proxy.evaluation import sampled
+    from proxy.evaluation import offline_samples
     from proxy.evaluation.calibrate import label
     from proxy.evaluation.datasets import DatasetError, dataset_name
     from proxy.evaluation.grading import get_grader
@@ -188,7 +196,9 @@ def _from_dataset(args: argparse.Namespace, method: str) -> Any:
             # Loaded before anything is asked: a missing extra fails now, not after an
             # hour of sampling. One torch thread was 2.5x faster than torch's default on a
             # small shared host (proxy.confidence.embedding); this command owns its process.
-            matcher = sampled.load_matcher(args.matcher, args.embedding_threshold, torch_threads=1)
+            matcher = offline_samples.load_matcher(
+                args.matcher, args.embedding_threshold, torch_threads=1
+            )
     except (DatasetError, EmbeddingUnavailable) as exc:
         return str(exc)
     name = dataset_name(args.dataset)
@@ -199,17 +209,19 @@ def _from_dataset(args: argparse.Namespace, method: str) -> Any:
     fitted_on.update(template=args.template, grader=args.grader)
     features = None
     if matcher is not None:
-        where = args.samples_cache_dir or sampled.SAMPLE_CACHE_DIR
-        cache = None if args.no_cache else sampled.sample_cache_path(where, name, args.model)
-        features, drawn_with = sampled.sample_features(
+        where = args.samples_cache_dir or offline_samples.SAMPLE_CACHE_DIR
+        cache = (
+            None if args.no_cache else offline_samples.sample_cache_path(where, name, args.model)
+        )
+        features, drawn_with = offline_samples.sample_features(
             questions,
             gens,
             get_template(args.template),
-            sampled.sampling_params(args.temperature, args.samples, use_n=args.use_n),
+            offline_samples.sampling_params(args.temperature, args.samples, use_n=args.use_n),
             matcher,
             model=args.model,
             base_url=args.base_url,
-            cache=sampled.SampleCache(cache),
+            cache=offline_samples.SampleCache(cache),
             concurrency=args.concurrency,
             max_tokens=args.max_tokens,
             api_key=args.api_key,
@@ -233,7 +245,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         ranking_table,
         weights_line,
     )
-    from proxy.evaluation.decision_log import read_log
+    from proxy.evaluation.log_labels import read_log
 
     if (args.dataset is None) == (args.from_log is None):
         return _fail("give exactly one of --dataset or --from-log")
@@ -325,7 +337,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from proxy.evaluation.evaluate import answer_records, draw_charts, evaluate
     from proxy.evaluation.grading import get_grader
     from proxy.evaluation.reports import to_markdown, write_report
-    from proxy.policy_loader import PolicyError
+    from proxy.policy.loading import PolicyError
 
     if not args.dataset or not args.model:
         return _fail("--dataset and --model are required")

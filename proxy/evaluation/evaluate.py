@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from proxy.confidence.logprobs import SCORES as LOGPROB_SCORES
-from proxy.evaluation import selective
+from proxy.confidence import selective
+from proxy.confidence.features import LOGPROB_SCORES
 from proxy.evaluation.datasets import Question
 from proxy.evaluation.grading import Grader
 from proxy.evaluation.reports import EvalReport, table_rows

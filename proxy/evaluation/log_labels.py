@@ -1,9 +1,7 @@
 """Reading the proxy's decision log back as labelled scores, for ``calibrate --from-log``.
 
-The log is JSON Lines with two record types joined on ``(id, choice)``::
-
-    {"type": "decision", "id": "cmpl-1", "choice": 0, "model": "m", "scores": {...}, ...}
-    {"type": "feedback", "id": "cmpl-1", "choice": 0, "correct": true}
+The log is JSON Lines of :class:`~proxy.decision_records.DecisionRecord` and
+:class:`~proxy.decision_records.FeedbackRecord`, joined on ``(id, choice)``.
 
 A decision without feedback is unlabelled and left out; when feedback for one answer
 arrives more than once, the last word counts (a user may correct a hasty click). Lines
@@ -23,6 +21,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from proxy.decision_records import DecisionRecord, FeedbackRecord, parse_record
+
 
 @dataclass
 class LoggedLabels:
@@ -35,17 +35,10 @@ class LoggedLabels:
     counts: Counter[str] = field(default_factory=Counter)
 
 
-def _key(record: dict[str, Any]) -> tuple[str, int] | None:
-    rid, choice = record.get("id"), record.get("choice", 0)
-    if not isinstance(rid, str) or not isinstance(choice, int):
-        return None
-    return rid, choice
-
-
 def parse_log(lines: Iterable[str], *, model: str | None = None) -> LoggedLabels:
     """Join decisions with their feedback; only ``model``'s decisions when given."""
     counts: Counter[str] = Counter()
-    decisions: dict[tuple[str, int], dict[str, Any]] = {}
+    decisions: dict[tuple[str, int], DecisionRecord] = {}
     verdicts: dict[tuple[str, int], bool] = {}
     for line in lines:
         if not line.strip():
@@ -55,16 +48,14 @@ def parse_log(lines: Iterable[str], *, model: str | None = None) -> LoggedLabels
         except json.JSONDecodeError:
             counts["malformed"] += 1
             continue
-        key = _key(record) if isinstance(record, dict) else None
-        if key is None:
-            counts["malformed"] += 1
-        elif record.get("type") == "decision" and isinstance(record.get("scores"), dict):
-            if model is not None and record.get("model") != model:
+        parsed = parse_record(record)
+        if isinstance(parsed, DecisionRecord):
+            if model is not None and parsed.model != model:
                 counts["other_model"] += 1
                 continue
-            decisions[key] = record
-        elif record.get("type") == "feedback" and isinstance(record.get("correct"), bool):
-            verdicts[key] = record["correct"]
+            decisions[(parsed.id, parsed.choice)] = parsed
+        elif isinstance(parsed, FeedbackRecord):
+            verdicts[(parsed.id, parsed.choice)] = parsed.correct
         else:
             counts["malformed"] += 1
     counts["decisions"] = len(decisions)
@@ -73,14 +64,14 @@ def parse_log(lines: Iterable[str], *, model: str | None = None) -> LoggedLabels
     counts["labelled"] = len(joined)
     counts["unlabelled"] = len(decisions) - len(joined)
     counts["feedback_without_decision"] = sum(1 for k in verdicts if k not in decisions)
-    names = sorted({n for k in joined for n in decisions[k]["scores"]})
+    names = sorted({n for k in joined for n in decisions[k].scores})
     features = {
-        n: np.array([_num(decisions[k]["scores"].get(n)) for k in joined], dtype=np.float64)
+        n: np.array([_num(decisions[k].scores.get(n)) for k in joined], dtype=np.float64)
         for n in names
     }
     correct = np.array([1.0 if verdicts[k] else 0.0 for k in joined])
-    models = Counter(str(decisions[k].get("model")) for k in joined)
-    methods = Counter(str(decisions[k].get("method") or "logprobs") for k in joined)
+    models = Counter(decisions[k].model for k in joined)
+    methods = Counter(decisions[k].method for k in joined)
     return LoggedLabels(features, correct, models, methods, counts)
 
 

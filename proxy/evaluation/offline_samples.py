@@ -9,7 +9,8 @@ the calibration is fitted on ``k`` samples, the budget the policy then names.
 
 The agreement features of an answer come from clustering it with its samples
 (:func:`proxy.confidence.consistency.score_agreement`) under the matcher the policy will
-use; the hybrid adds the answer's logprob features (:data:`HYBRID_FEATURES`).
+use; the hybrid adds the answer's logprob features
+(:data:`~proxy.confidence.features.HYBRID_FEATURES`).
 
 Samples are cached on disk, one JSON line per question, keyed by the question id, ``k``
 and a hash of the sample request (model, prompt, temperature, max tokens), appended as
@@ -31,19 +32,15 @@ import httpx
 
 from proxy.confidence.consistency import Matcher, matcher_by_name, score_agreement
 from proxy.evaluation import runner
-from proxy.evaluation.datasets import Question
+from proxy.evaluation.datasets import CACHE_DIR, Question
 from proxy.evaluation.prompts import Template
-from proxy.policy import UpstreamConfig
-from proxy.sampling import SamplingParams, draw_samples, sample_body
+from proxy.policy.schema import UpstreamConfig
+from proxy.sampling.draw import SamplingParams, draw_samples, sample_body
 from proxy.upstream.openai_http import OpenAIHTTPUpstream
 
 #: Where sampled answers are cached by default (the benchmark's cache too).
-SAMPLE_CACHE_DIR = Path.home() / ".cache" / "abstain" / "consistency"
+SAMPLE_CACHE_DIR = CACHE_DIR / "consistency"
 
-LOGPROB_FEATURES = ("mean_logprob", "min_logprob", "mean_entropy")
-AGREEMENT_FEATURES = ("agreement", "semantic_entropy")
-#: The hybrid logistic model's inputs, in the order its weights are stored.
-HYBRID_FEATURES = LOGPROB_FEATURES + AGREEMENT_FEATURES
 
 # The key travels in an injected environment mapping, never the process's: the upstream
 # reads keys only from the variable a config names.

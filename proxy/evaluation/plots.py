@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from proxy.evaluation import selective
+from proxy.confidence import selective
 
 
 def _figure() -> Any:

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from proxy.evaluation import selective
-from proxy.evaluation.selective import Outcome
+from proxy.confidence import selective
+from proxy.confidence.selective import Outcome
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ import yaml
 from pydantic import ValidationError
 
 from proxy.confidence.calibration import Calibration, CalibrationError, load_calibration
-from proxy.policy import Policy, PolicyFile
-from proxy.policy_schema import reference_problems
+from proxy.policy.rules import Policy, PolicyFile
+from proxy.policy.schema import reference_problems
 
 log = logging.getLogger("abstain.policy")
 

@@ -2,11 +2,11 @@
 
 The policy file says where each model lives (``upstreams``, ``models``), how confident an
 answer must be (``defaults``, overridden per model and per ``tenants``), and who is who
-(``auth``); its schema is :mod:`proxy.policy_schema`. A loaded policy is compiled once
+(``auth``); its schema is :mod:`proxy.policy.schema`. A loaded policy is compiled once
 into a :class:`Policy` that answers the hot-path questions (which tenant, which route,
 which rule) without re-validating anything.
 
-Pure: no web or HTTP imports. File reading lives in :mod:`proxy.policy_loader`.
+Pure: no web or HTTP imports. File reading lives in :mod:`proxy.policy.loading`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from proxy.confidence.calibration import Calibration
-from proxy.policy_schema import (
+from proxy.confidence.features import needing_top_k
+from proxy.policy.schema import (
     Action,
-    Decision,
     MatcherName,
     Method,
     PolicyFile,
@@ -29,9 +29,9 @@ from proxy.policy_schema import (
     StreamMode,
     UpstreamConfig,
 )
+from proxy.verdict import Decision
 
 __all__ = [
-    "Decision",
     "Policy",
     "PolicyFile",
     "Route",
@@ -39,7 +39,6 @@ __all__ = [
     "SamplingRule",
     "UpstreamConfig",
     "decide",
-    "penalty",
 ]
 
 
@@ -234,10 +233,6 @@ _FITTED_SAMPLING = {
 }
 
 
-#: Scores computed from the top-k alternatives of each token, absent without them.
-_TOP_K_FEATURES = {"mean_entropy", "first_margin"}
-
-
 def calibration_mismatches(rule: Rule) -> list[str]:
     """How ``rule`` differs from what its calibration was fitted on (empty when it fits)."""
     cal = rule.calibration
@@ -249,7 +244,7 @@ def calibration_mismatches(rule: Rule) -> list[str]:
         cal.method == "hybrid" and rule.method != "hybrid"
     ):
         problems.append(f"method {rule.method} with a calibration fitted for {cal.method}")
-    needs_top_k = sorted(_TOP_K_FEATURES & set(cal.inputs))
+    needs_top_k = needing_top_k(cal.inputs)
     if needs_top_k and rule.top_logprobs == 0:
         problems.append(
             f"top_logprobs is 0 but the calibration reads {', '.join(needs_top_k)}, "
@@ -275,8 +270,3 @@ def decide(p_correct: float | None, rule: Rule) -> Decision:
     if p_correct is None:
         return "answer" if rule.on_missing_score == "answer" else rule.action
     return "answer" if p_correct > rule.threshold else rule.action
-
-
-def penalty(threshold: float) -> float:
-    """Points a wrong answer costs at threshold t: t/(1−t)."""
-    return threshold / (1.0 - threshold)

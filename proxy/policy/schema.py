@@ -11,15 +11,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from proxy.confidence.consistency import SCORES as AGREEMENT_SCORES
-from proxy.confidence.logprobs import SCORES
+from proxy.confidence.features import AGREEMENT_SCORES, LOGPROB_SCORES
 
 Action = Literal["abstain", "hedge", "annotate"]
 Method = Literal["logprobs", "consistency", "hybrid", "none"]
 StreamMode = Literal["buffer", "passthrough"]
 MatcherName = Literal["exact", "numeric", "embedding"]
 SamplingFallback = Literal["fallback", "answer", "abstain", "error"]
-Decision = Literal["answer", "abstain", "hedge", "annotate", "unjudged"]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 
 
@@ -105,8 +103,8 @@ class RuleFields(_Strict):
 
     @model_validator(mode="after")
     def _known_score(self) -> RuleFields:
-        if self.score is not None and self.score not in SCORES:
-            raise ValueError(f"score must be one of {', '.join(SCORES)}")
+        if self.score is not None and self.score not in LOGPROB_SCORES:
+            raise ValueError(f"score must be one of {', '.join(LOGPROB_SCORES)}")
         if self.consistency_score is not None and self.consistency_score not in AGREEMENT_SCORES:
             raise ValueError(f"consistency_score must be one of {', '.join(AGREEMENT_SCORES)}")
         if (

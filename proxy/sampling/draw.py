@@ -259,8 +259,6 @@ async def draw_samples(
                 agreeing=agreement.agreeing,
                 drawn=agreement.samples,
                 budget=params.samples - failed,
-                majority=agreement.majority_count,
-                runner_up=agreement.runner_up_count,
             )
             if last.stop and attempted < params.samples:
                 early = True

@@ -1,31 +1,27 @@
-"""Judging answers by agreement with extra samples (methods ``consistency`` and ``hybrid``).
+"""Samples drawn alongside a request's main answer (methods ``consistency`` and ``hybrid``).
 
 A :class:`SamplingSession` starts drawing samples the moment the request is admitted,
 alongside the main answer. The main answer's text (and, for hybrid, its logprob
 features) reach the sampler through futures when they are known: that is when adaptive
-stopping can start comparing. When sampling is done, each choice is clustered with the
-samples and judged on the agreement features (plus the logprob features for hybrid).
-
-If too few samples come back, the rule's ``on_sampling_error`` decides: judge on logprobs
-when the answer has them ("fallback"), answer, abstain, or fail the request (502).
+stopping can start comparing. When sampling is done, :meth:`SamplingSession.gather`
+clusters each choice with the samples and attaches the agreement to the call's evidence;
+judging it is :mod:`proxy.judge`'s job, like every other verdict.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
 
-from proxy.confidence.consistency import Matcher, matcher_by_name, score_agreement
-from proxy.confidence.stopping import StoppingRule, agreement_cutpoint, expected_final_share
-from proxy.errors import UpstreamError
-from proxy.judge import Verdict, judge
-from proxy.metrics import Metrics
-from proxy.policy import Rule, SamplingRule
+from proxy.confidence.consistency import Agreement, Matcher, matcher_by_name, score_agreement
+from proxy.confidence.stopping import StoppingRule, agreement_cutpoint
+from proxy.evidence import CallEvidence
+from proxy.judge import confidence_of
+from proxy.policy.rules import Rule, SamplingRule
 from proxy.protocol import Kind
-from proxy.sampling import SamplingParams, SamplingResult, draw_samples
+from proxy.sampling.draw import SamplingParams, SamplingResult, draw_samples
 from proxy.upstream.base import Upstream
 
 
@@ -60,7 +56,7 @@ def _p_at_agreement(rule: Rule, base: Mapping[str, float], agreement: float) -> 
         "majority_share": max(agreement, 1.0 - agreement),
         "semantic_entropy": -_binary_entropy(agreement),
     }
-    return judge(features, rule).confidence
+    return confidence_of(features, rule)
 
 
 def stopping_rule(rule: Rule, base: Mapping[str, float]) -> StoppingRule | None:
@@ -132,51 +128,29 @@ class SamplingSession:
         finally:
             self.cancel()
 
-    def judge(
-        self, text: str | None, logprob_scores: Mapping[str, float], result: SamplingResult
-    ) -> tuple[Verdict, str | None]:
-        """The verdict on one choice, and the majority answer when the rule shows it."""
-        if not result.ok:
-            return self._fallback(logprob_scores, result), None
-        agreement = score_agreement(
-            None if self.sampling.show == "majority" else text, result.samples, self.matcher
-        )
-        features = {**logprob_scores, **agreement.features()}
-        if result.early_stopped and agreement.samples:
-            # Judge what the stopping rule predicted for the full budget, so the verdict
-            # and the reason sampling stopped cannot disagree.
-            budget = max(agreement.samples, result.budget - result.failures)
-            features["agreement"] = expected_final_share(
-                agreement.agreeing, agreement.samples, budget
-            )
-        verdict = judge(features, self.rule, samples=result.used)
-        shown = agreement.majority_answer if self.sampling.show == "majority" else None
-        return verdict, shown
+    async def gather(self, evidence: CallEvidence) -> SamplingResult:
+        """Wait for the samples and attach them, with each choice's agreement, to ``evidence``.
 
-    def _fallback(self, logprob_scores: Mapping[str, float], result: SamplingResult) -> Verdict:
-        rule, how = self.rule, self.sampling.on_error
-        reason = f"only {result.used} of {result.min_samples} required samples came back"
-        if how == "error":
-            raise UpstreamError("Too few samples came back to judge the answer.", kind="sampling")
-        if how == "fallback" and rule.logprob_score in logprob_scores:
-            lp_rule = dataclasses.replace(
-                rule, method="logprobs", score=rule.logprob_score, calibration=None
-            )
-            verdict = judge(logprob_scores, lp_rule, samples=result.used)
-        else:
-            verdict = judge({}, rule, samples=result.used)
-            if how in ("answer", "abstain"):
-                verdict.decision = "answer" if how == "answer" else rule.action
-        verdict.reason = f"{reason}; decided by on_sampling_error={how}"
-        return verdict
+        The first choice's text and logprob scores are the main answer that adaptive
+        stopping compares with. Agreement is left out when too few samples came back: the
+        judge then follows the rule's ``on_sampling_error``.
+        """
+        if evidence.choices:
+            first = evidence.choices[0]
+            self.main_answer(first.text, first.scores)
+        result = await self.result()
+        agreements: list[Agreement | None] = [None] * len(evidence.choices)
+        if result.ok:
+            majority = self.sampling.show == "majority"
+            agreements = [
+                await self._agreement(None if majority else choice.text, result.samples)
+                for choice in evidence.choices
+            ]
+        evidence.add_samples(result, agreements)
+        return result
 
-
-def observe(metrics: Metrics, tenant: str, model: str, rule: Rule, result: SamplingResult) -> None:
-    """The sampling cost of one request."""
-    metrics.samples_used.labels(tenant, model).observe(result.used)
-    metrics.sampling_requests.labels(tenant, model).inc(result.upstream_requests)
-    metrics.sampling_tokens.labels(tenant, model).inc(result.completion_tokens)
-    if result.early_stopped:
-        metrics.early_stops.labels(tenant, model).inc()
-    if not result.ok and rule.sampling is not None:
-        metrics.sampling_fallbacks.labels(tenant, model, rule.sampling.on_error).inc()
+    async def _agreement(self, reference: str | None, samples: tuple[str, ...]) -> Agreement:
+        if self.matcher.runs_model:
+            # An embedding model is CPU work: keep it off the event loop.
+            return await asyncio.to_thread(score_agreement, reference, samples, self.matcher)
+        return score_agreement(reference, samples, self.matcher)

@@ -13,8 +13,15 @@ from collections.abc import AsyncIterator, Mapping
 from types import ModuleType
 from typing import Any
 
-from proxy.errors import BadRequest, ProxyError, UpstreamError, UpstreamTimeout
-from proxy.policy import UpstreamConfig
+from proxy.errors import (
+    ProxyError,
+    UpstreamError,
+    UpstreamMalformed,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    upstream_status_error,
+)
+from proxy.policy.schema import UpstreamConfig
 from proxy.protocol import Kind
 from proxy.settings import quiet_litellm
 from proxy.upstream.base import api_key_from_env
@@ -38,10 +45,10 @@ def _as_dict(obj: Any) -> dict[str, Any]:
         return obj
     dump = getattr(obj, "model_dump", None)
     if dump is None:
-        raise UpstreamError("litellm returned an unexpected object.", kind="malformed")
+        raise UpstreamMalformed("litellm returned an unexpected object.")
     data = dump(exclude_none=False)
     if not isinstance(data, dict):
-        raise UpstreamError("litellm returned an unexpected object.", kind="malformed")
+        raise UpstreamMalformed("litellm returned an unexpected object.")
     return data
 
 
@@ -73,17 +80,18 @@ class LiteLLMUpstream:
         args["model"] = self._model(str(body.get("model", "")))
         return args
 
-    def _error(self, exc: Exception) -> ProxyError:
+    def _error(self, exc: Exception) -> UpstreamError:
+        """The proxy's error for one of litellm's, by the same status classes as HTTP."""
         lt = self._litellm
         if isinstance(exc, asyncio.TimeoutError | lt.Timeout):
             return UpstreamTimeout()
         if isinstance(exc, lt.BadRequestError):
-            return BadRequest(
-                f"The upstream model rejected the request: {getattr(exc, 'message', '')}"[:600]
-            )
+            return upstream_status_error(400, str(getattr(exc, "message", "")))
         if isinstance(exc, lt.APIConnectionError):
-            return UpstreamError("The upstream model could not be reached.", kind="connect")
+            return UpstreamUnreachable()
         status = getattr(exc, "status_code", None)
+        if isinstance(status, int) and status in (400, 422, 429):
+            return upstream_status_error(status, str(getattr(exc, "message", "")))
         kind = f"status_{status}" if isinstance(status, int) else "error"
         return UpstreamError("The upstream model failed.", kind=kind, upstream_status=status)
 

@@ -10,20 +10,18 @@ from typing import Any
 import httpx
 import orjson
 
-from proxy.errors import BadRequest, ProxyError, UpstreamError, UpstreamTimeout
-from proxy.policy import UpstreamConfig
+from proxy.errors import (
+    UpstreamError,
+    UpstreamMalformed,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    upstream_status_error,
+)
+from proxy.policy.schema import UpstreamConfig
 from proxy.protocol import Kind
 from proxy.upstream.base import api_key_from_env
 
 _PATHS: dict[Kind, str] = {"chat": "/chat/completions", "completions": "/completions"}
-#: Upstream statuses whose meaning is the client's to act on, passed through as is.
-_CLIENT_STATUSES = {400: BadRequest, 422: BadRequest}
-
-
-class _RateLimited(ProxyError):
-    status = 429
-    type = "rate_limit_error"
-    code = "rate_limit_exceeded"
 
 
 def _timeout_or_connect(exc: httpx.TransportError) -> UpstreamError:
@@ -38,10 +36,10 @@ def _timeout_or_connect(exc: httpx.TransportError) -> UpstreamError:
     )
     if is_timeout:
         return UpstreamTimeout()
-    return UpstreamError("The upstream model could not be reached.", kind="connect")
+    return UpstreamUnreachable()
 
 
-def _status_error(status: int, raw: bytes) -> ProxyError:
+def _status_error(status: int, raw: bytes) -> UpstreamError:
     message = ""
     try:
         data = orjson.loads(raw)
@@ -49,16 +47,7 @@ def _status_error(status: int, raw: bytes) -> ProxyError:
         message = str(err.get("message", "")) if isinstance(err, dict) else str(err or "")
     except orjson.JSONDecodeError:
         pass
-    message = message[:500]
-    if status in _CLIENT_STATUSES:
-        return _CLIENT_STATUSES[status](f"The upstream model rejected the request: {message}")
-    if status == 429:
-        return _RateLimited(f"The upstream model is rate limited: {message}")
-    return UpstreamError(
-        f"The upstream model failed (status {status}).",
-        kind=f"status_{status}",
-        upstream_status=status,
-    )
+    return upstream_status_error(status, message)
 
 
 class OpenAIHTTPUpstream:
@@ -109,9 +98,9 @@ class OpenAIHTTPUpstream:
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise UpstreamError("The upstream answer is not JSON.", kind="malformed") from None
+            raise UpstreamMalformed("The upstream answer is not JSON.") from None
         if not isinstance(data, dict):
-            raise UpstreamError("The upstream answer is not a JSON object.", kind="malformed")
+            raise UpstreamMalformed("The upstream answer is not a JSON object.")
         return data
 
     async def stream(self, kind: Kind, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -145,11 +134,9 @@ def _chunk(payload: str) -> dict[str, Any]:
     try:
         chunk = orjson.loads(payload)
     except orjson.JSONDecodeError:
-        raise UpstreamError(
-            "The upstream stream carried a malformed chunk.", kind="malformed"
-        ) from None
+        raise UpstreamMalformed("The upstream stream carried a malformed chunk.") from None
     if not isinstance(chunk, dict):
-        raise UpstreamError("The upstream stream carried a malformed chunk.", kind="malformed")
+        raise UpstreamMalformed("The upstream stream carried a malformed chunk.")
     if "error" in chunk and "choices" not in chunk:
         raise UpstreamError("The upstream model failed mid-stream.", kind="stream_error")
     return chunk

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.policy_loader import load_policy
+from proxy.policy.loading import load_policy
 from proxy.routes import router
 from tests.deploy.procs import DEPLOY, ROOT
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from proxy import multiprocess
-from proxy.policy_loader import PolicyStore
+from proxy.policy.loading import PolicyStore
 from proxy.settings import Settings
 
 

@@ -17,10 +17,11 @@ import pytest
 
 from proxy.cli import main
 from proxy.confidence.calibration import Calibration, load_calibration
-from proxy.confidence.consistency import EXACT, SCORES, score_agreement
+from proxy.confidence.consistency import EXACT, score_agreement
+from proxy.confidence.features import AGREEMENT_SCORES as SCORES
+from proxy.confidence.features import HYBRID_FEATURES
 from proxy.confidence.logprobs import scores_from_choice
 from proxy.evaluation.prompts import get_template
-from proxy.evaluation.sampled import HYBRID_FEATURES
 from tests.eval import fake_model
 
 N = fake_model.N

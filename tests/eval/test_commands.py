@@ -16,7 +16,8 @@ import pytest
 
 from proxy.cli import main
 from proxy.confidence.calibration import load_calibration
-from proxy.confidence.logprobs import LOGISTIC_FEATURES, scores_from_choice
+from proxy.confidence.features import LOGISTIC_FEATURES
+from proxy.confidence.logprobs import scores_from_choice
 from proxy.evaluation.calibrate import Labelled, logistic_inputs
 from proxy.evaluation.prompts import get_template
 from tests.eval import fake_model

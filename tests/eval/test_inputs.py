@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from proxy.evaluation import datasets, inproc
-from proxy.evaluation.decision_log import parse_log
+from proxy.evaluation.log_labels import parse_log
 from proxy.evaluation.prompts import FEW_SHOT, get_template
 from tests.eval import fake_model
 

@@ -1,4 +1,4 @@
-"""Drawing, caching and scoring samples for calibration (proxy.evaluation.sampled)."""
+"""Drawing, caching and scoring samples for calibration (proxy.evaluation.offline_samples)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from proxy.confidence.consistency import EXACT, NUMERIC
-from proxy.evaluation import runner, sampled
+from proxy.evaluation import offline_samples, runner
 from proxy.evaluation.datasets import Question
 from proxy.evaluation.prompts import get_template
 from tests.eval import fake_model
@@ -25,11 +25,11 @@ def _questions(n: int) -> list[Question]:
 async def _draw(
     qs: list[Question],
     transport: httpx.AsyncBaseTransport,
-    cache: sampled.SampleCache,
+    cache: offline_samples.SampleCache,
     **kw: object,
-) -> sampled.Drawn:
-    params = sampled.sampling_params(0.7, 8)
-    return await sampled.draw_all(
+) -> offline_samples.Drawn:
+    params = offline_samples.sampling_params(0.7, 8)
+    return await offline_samples.draw_all(
         qs, TEMPLATE, params, model="m", base_url=URL, cache=cache, transport=transport,
         progress=None, **kw,  # type: ignore[arg-type]
     )  # fmt: skip
@@ -39,22 +39,36 @@ def test_the_key_is_the_one_the_benchmark_cached_under() -> None:
     # Pinned: ~/.cache/abstain/consistency holds thousands of samples drawn by
     # benchmarks/consistency_eval.py under this key; a changed key would redraw them all.
     q = Question("facts-dev-2", "What is the chemical symbol for Scandium?", ("Sc",))
-    params = sampled.sampling_params(0.7, 8)
-    key = sampled.sample_key(q, TEMPLATE, "gemma-3-270m", params)
+    params = offline_samples.sampling_params(0.7, 8)
+    key = offline_samples.sample_key(q, TEMPLATE, "gemma-3-270m", params)
     assert key == "ba7a471997e3b45a7f037f5d"
-    assert sampled.sample_key(q, TEMPLATE, "gemma-3-270m", sampled.sampling_params(1.0, 8)) != key
-    assert sampled.sample_key(q, TEMPLATE, "gemma-3-270m", sampled.sampling_params(0.7, 4)) != key
+    assert (
+        offline_samples.sample_key(
+            q, TEMPLATE, "gemma-3-270m", offline_samples.sampling_params(1.0, 8)
+        )
+        != key
+    )
+    assert (
+        offline_samples.sample_key(
+            q, TEMPLATE, "gemma-3-270m", offline_samples.sampling_params(0.7, 4)
+        )
+        != key
+    )
 
 
 async def test_samples_are_drawn_whole_then_read_back_from_the_cache(tmp_path: Path) -> None:
     counter = fake_model.Counter()
     path = tmp_path / "s.jsonl"
-    first = await _draw(_questions(3), fake_model.transport(counter), sampled.SampleCache(path))
+    first = await _draw(
+        _questions(3), fake_model.transport(counter), offline_samples.SampleCache(path)
+    )
     assert counter.sampled == 3 * 8
     assert first.samples["q1"] == [" " + fake_model.sample_text(1, j) for j in range(8)]
     with path.open("a") as f:
         f.write('{"key": "torn')  # an interrupted write must not break the next run
-    again = await _draw(_questions(3), fake_model.transport(counter), sampled.SampleCache(path))
+    again = await _draw(
+        _questions(3), fake_model.transport(counter), offline_samples.SampleCache(path)
+    )
     assert counter.requests == 3 * 8
     assert again.samples == first.samples and not again.failed
     rows = [json.loads(line) for line in path.read_text().splitlines()[:3]]
@@ -72,10 +86,10 @@ async def test_one_request_with_n_when_asked(tmp_path: Path) -> None:
         choices = [{"index": j, "text": f" City{j % 2}"} for j in range(n)]
         return httpx.Response(200, json={"choices": choices})
 
-    params = sampled.sampling_params(0.7, 8, use_n=True)
-    drawn = await sampled.draw_all(
+    params = offline_samples.sampling_params(0.7, 8, use_n=True)
+    drawn = await offline_samples.draw_all(
         _questions(1), TEMPLATE, params, model="m", base_url=URL,
-        cache=sampled.SampleCache(None), transport=httpx.MockTransport(handle), progress=None,
+        cache=offline_samples.SampleCache(None), transport=httpx.MockTransport(handle), progress=None,
     )  # fmt: skip
     assert len(bodies) == 1 and bodies[0]["n"] == 8 and bodies[0]["temperature"] == 0.7
     assert "logprobs" not in bodies[0]
@@ -96,7 +110,7 @@ async def test_a_question_whose_samples_keep_failing_is_reported_not_cached(
 
     path = tmp_path / "s.jsonl"
     drawn = await _draw(
-        _questions(2), httpx.MockTransport(handle), sampled.SampleCache(path), attempts=2
+        _questions(2), httpx.MockTransport(handle), offline_samples.SampleCache(path), attempts=2
     )
     assert set(drawn.samples) == {"q0"} and set(drawn.failed) == {"q1"}
     assert "status_500" in drawn.failed["q1"]
@@ -115,7 +129,7 @@ def test_features_join_logprob_scores_and_agreement() -> None:
         "q1": ["Avalon", "Lemuria", "Atlantis", "Mu"],
         "q2": ["x", "x"],
     }
-    features = sampled.features_by_id(gens, samples, EXACT)
+    features = offline_samples.features_by_id(gens, samples, EXACT)
     assert set(features) == {"q0", "q1"}  # a failed answer has nothing to compare
     assert features["q0"]["agreement"] == pytest.approx(3 / 4)
     assert features["q1"]["agreement"] == pytest.approx(1 / 4)
@@ -123,8 +137,8 @@ def test_features_join_logprob_scores_and_agreement() -> None:
 
 
 def test_the_record_names_the_policy_fields() -> None:
-    params = sampled.sampling_params(0.7, 8)
-    assert sampled.sampling_record(params, NUMERIC) == {
+    params = offline_samples.sampling_params(0.7, 8)
+    assert offline_samples.sampling_record(params, NUMERIC) == {
         "samples": 8,
         "sample_temperature": 0.7,
         "matcher": "numeric",
@@ -132,4 +146,4 @@ def test_the_record_names_the_policy_fields() -> None:
     from proxy.confidence.embedding import EmbeddingMatcher
 
     embedder = EmbeddingMatcher(lambda texts: [[1.0, 0.0] for _ in texts], threshold=0.7)
-    assert sampled.sampling_record(params, embedder)["embedding_threshold"] == 0.7
+    assert offline_samples.sampling_record(params, embedder)["embedding_threshold"] == 0.7

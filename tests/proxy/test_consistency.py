@@ -10,9 +10,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 from starlette.testclient import TestClient
 
+from proxy.call import Call
+from proxy.decision_log import DecisionLog
 from proxy.metrics import Metrics
-from proxy.pipeline import Call, Pipeline
-from proxy.policy_loader import parse_policy
+from proxy.pipeline import Pipeline
+from proxy.policy.loading import parse_policy
+from proxy.recording import Recorder
 from tests.conftest import POLICY, auth
 from tests.fakes import ANSWER, SAMPLE_TEMPERATURE, FakeUpstream, completion
 from tests.proxy.test_metrics import value
@@ -168,7 +171,8 @@ async def test_a_client_that_goes_away_cancels_every_sample() -> None:
         def get(self, name: str) -> SlowSamples:
             return upstream
 
-    pipeline = Pipeline(Pool(), Metrics(CollectorRegistry()))  # type: ignore[arg-type]
+    recorder = Recorder(Metrics(CollectorRegistry()), DecisionLog(None))
+    pipeline = Pipeline(Pool(), recorder)  # type: ignore[arg-type]
     rule = policy.rule("chat", "agree-no-n")
     call = Call("chat", {"model": "agree-no-n", **CHAT}, "chat", policy.route("agree-no-n"), rule)
     task = asyncio.create_task(pipeline.complete(call))

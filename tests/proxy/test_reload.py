@@ -7,7 +7,7 @@ from pathlib import Path
 
 from starlette.testclient import TestClient
 
-from proxy.policy_loader import PolicyStore
+from proxy.policy.loading import PolicyStore
 from tests.conftest import POLICY, auth
 
 CHAT = {"messages": [{"role": "user", "content": "q"}]}

@@ -11,14 +11,13 @@ import pytest
 from proxy.confidence.consistency import (
     EXACT,
     NUMERIC,
-    SCORES,
-    as_probability,
     cluster,
     matcher_by_name,
     normalize_answer,
     score_agreement,
 )
 from proxy.confidence.embedding import EmbeddingMatcher, EmbeddingUnavailable
+from proxy.confidence.features import AGREEMENT_SCORES, uncalibrated
 from proxy.confidence.numeric import parse_number
 
 
@@ -158,7 +157,7 @@ def test_agreement_scores() -> None:
     expected_entropy = -sum(p * math.log(p) for p in (3 / 6, 2 / 6, 1 / 6))
     assert result.entropy == pytest.approx(expected_entropy)
     features = result.features()
-    assert set(features) == set(SCORES)
+    assert set(features) == set(AGREEMENT_SCORES)
     assert features["agreement"] == pytest.approx(0.5)
     assert features["agreement_smoothed"] == pytest.approx(4 / 8)
     assert features["majority_share"] == pytest.approx(0.5)
@@ -168,7 +167,7 @@ def test_agreement_scores() -> None:
 def test_scores_are_higher_when_samples_agree() -> None:
     unanimous = score_agreement("Paris", ["Paris"] * 4).features()
     split = score_agreement("Paris", ["Paris", "Lyon", "Nice", "Paris"]).features()
-    for name in SCORES:
+    for name in AGREEMENT_SCORES:
         assert unanimous[name] > split[name], name
     assert unanimous["semantic_entropy"] == 0.0
 
@@ -206,6 +205,6 @@ def test_matcher_by_name() -> None:
 
 
 def test_as_probability() -> None:
-    assert as_probability("agreement", 0.75) == 0.75
-    assert as_probability("semantic_entropy", -math.log(2)) == pytest.approx(0.5)
-    assert as_probability("semantic_entropy", 0.0) == 1.0
+    assert uncalibrated("agreement", 0.75) == 0.75
+    assert uncalibrated("semantic_entropy", -math.log(2)) == pytest.approx(0.5)
+    assert uncalibrated("semantic_entropy", 0.0) == 1.0

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from proxy.confidence.logprobs import as_probability, scores_from_choice, scores_from_tokens
+from proxy.confidence.features import uncalibrated
+from proxy.confidence.logprobs import scores_from_choice, scores_from_tokens
 
 
 def test_scores_from_tokens_by_hand() -> None:
@@ -60,10 +61,10 @@ def test_no_tokens_no_scores(empty: dict | None) -> None:
 
 
 def test_uncalibrated_probability_is_bounded_and_monotone() -> None:
-    assert as_probability("min_logprob", 0.0) == 1.0
-    assert as_probability("min_logprob", -1.0) == pytest.approx(math.exp(-1))
-    assert as_probability("sequence_prob", 1.5) == 1.0
-    assert as_probability("mean_entropy", -0.7) < as_probability("mean_entropy", -0.1)
+    assert uncalibrated("min_logprob", 0.0) == 1.0
+    assert uncalibrated("min_logprob", -1.0) == pytest.approx(math.exp(-1))
+    assert uncalibrated("sequence_prob", 1.5) == 1.0
+    assert uncalibrated("mean_entropy", -0.7) < uncalibrated("mean_entropy", -0.1)
 
 
 def test_first_token_scores_and_length_by_hand() -> None:
@@ -93,7 +94,7 @@ def test_no_margin_without_a_rival_or_with_gaps_in_the_top_k() -> None:
 
 
 def test_first_margin_maps_to_a_two_way_share_without_calibration() -> None:
-    assert as_probability("first_margin", 0.0) == pytest.approx(0.5)
-    assert as_probability("first_margin", math.log(3)) == pytest.approx(0.75)
-    assert as_probability("first_margin", -1e9) == pytest.approx(0.0)
-    assert as_probability("first_logprob", math.log(0.4)) == pytest.approx(0.4)
+    assert uncalibrated("first_margin", 0.0) == pytest.approx(0.5)
+    assert uncalibrated("first_margin", math.log(3)) == pytest.approx(0.75)
+    assert uncalibrated("first_margin", -1e9) == pytest.approx(0.0)
+    assert uncalibrated("first_logprob", math.log(0.4)) == pytest.approx(0.4)

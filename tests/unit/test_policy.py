@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy.policy import decide, penalty
-from proxy.policy_loader import PolicyError, load_policy, parse_policy
+from proxy.confidence.selective import penalty
+from proxy.policy.loading import PolicyError, load_policy, parse_policy
+from proxy.policy.rules import decide
 
 BASE = """
 upstreams:
@@ -108,10 +109,14 @@ def test_decide_answers_only_above_the_threshold() -> None:
     assert decide(None, rule) == "hedge"  # on_missing_score defaults to the action
 
 
-def test_penalty_is_t_over_one_minus_t() -> None:
-    assert penalty(0.5) == 1
-    assert penalty(0.75) == 3
-    assert penalty(0.9) == pytest.approx(9)
+@pytest.mark.parametrize("threshold", [0.25, 0.5, 0.75, 0.9])
+def test_decide_answers_exactly_when_answering_scores_above_abstaining(threshold: float) -> None:
+    # Right earns 1, wrong costs t/(1−t), abstaining 0: answering pays iff p > t.
+    rule = parse_policy(BASE.replace("threshold: 0.6", f"threshold: {threshold}")).rule("t", "m")
+    assert rule.threshold == threshold
+    for p in (threshold - 0.01, threshold + 0.01):
+        expected_score = p - (1 - p) * penalty(threshold)
+        assert (decide(p, rule) == "answer") == (expected_score > 0)
 
 
 def _logistic_calibration(path: Path, method: str, second: str, **fitted_on: object) -> None:

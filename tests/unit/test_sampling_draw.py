@@ -12,7 +12,7 @@ from proxy.confidence.embedding import EmbeddingMatcher
 from proxy.confidence.stopping import StoppingRule
 from proxy.errors import UpstreamError
 from proxy.protocol import Kind
-from proxy.sampling import SamplingParams, draw_samples, sample_body
+from proxy.sampling.draw import SamplingParams, draw_samples, sample_body
 
 COMPLETION = {"model": "m", "prompt": "Q: capital of France?\nA:", "temperature": 0}
 T50 = StoppingRule(threshold=0.5, risk=0.05)

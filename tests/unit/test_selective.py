@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from proxy.evaluation import selective as s
+from proxy.confidence import selective as s
 
 
 def test_midranks_share_the_mean_rank_of_a_tie() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from proxy.cli import main
-from proxy.policy_loader import load_policy
+from proxy.policy.loading import load_policy
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
 

@@ -5,55 +5,15 @@ from __future__ import annotations
 import math
 import random
 
-import numpy as np
 import pytest
 
 from proxy.confidence.stopping import (
     StoppingRule,
     agreement_cutpoint,
-    beta_cdf,
     check,
     expected_final_share,
-    prob_above,
     prob_final_above,
 )
-
-
-def binomial_tail(n: int, p: float, k: int) -> float:
-    """P(Bin(n, p) >= k), summed directly."""
-    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))
-
-
-@pytest.mark.parametrize("a", [1, 2, 5, 13])
-@pytest.mark.parametrize("b", [1, 3, 8])
-@pytest.mark.parametrize("x", [0.01, 0.3, 0.5, 0.77, 0.99])
-def test_beta_cdf_matches_the_binomial_identity(a: int, b: int, x: float) -> None:
-    # For integer a, b: I_x(a, b) = P(Bin(a + b - 1, x) >= a).
-    assert beta_cdf(x, a, b) == pytest.approx(binomial_tail(a + b - 1, x, a), abs=1e-12)
-
-
-@pytest.mark.parametrize(("a", "b"), [(1.5, 2.7), (3.2, 1.1), (7.5, 9.25)])
-def test_beta_cdf_matches_numerical_integration(a: float, b: float) -> None:
-    grid = np.linspace(0.0, 1.0, 200_001)
-    density = grid ** (a - 1) * (1 - grid) ** (b - 1)
-    cumulative = np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2)])
-    cumulative /= cumulative[-1]
-    for x in (0.1, 0.42, 0.8):
-        expected = float(np.interp(x, grid, cumulative))
-        assert beta_cdf(x, a, b) == pytest.approx(expected, abs=1e-5)
-
-
-def test_beta_cdf_symmetry_and_edges() -> None:
-    assert beta_cdf(0.3, 0.5, 0.5) == pytest.approx(1 - beta_cdf(0.7, 0.5, 0.5))
-    assert beta_cdf(0.0, 2, 3) == 0.0 and beta_cdf(1.0, 2, 3) == 1.0
-    with pytest.raises(ValueError):
-        beta_cdf(0.5, 0, 1)
-
-
-def test_prob_above_after_unanimous_samples() -> None:
-    # Uniform prior, n of n agreeing: posterior Beta(n + 1, 1), so P(r > t) = 1 - t^(n+1).
-    for n in range(6):
-        assert prob_above(n, n, 0.6) == pytest.approx(1 - 0.6 ** (n + 1))
 
 
 def first_stop(rule: StoppingRule, answers: list[bool], budget: int) -> tuple[int, str] | None:
@@ -119,13 +79,6 @@ def test_stops_when_the_remaining_samples_cannot_change_the_outcome() -> None:
     assert (below.stop, below.reason) == (True, "decided")
     undecided = check(rule, agreeing=4, drawn=6, budget=8)
     assert not undecided.stop
-
-
-def test_majority_rule_is_opt_in() -> None:
-    counts = {"agreeing": 3, "drawn": 5, "budget": 6, "majority": 3, "runner_up": 1}
-    assert not check(StoppingRule(threshold=0.55), **counts).stop
-    settled = check(StoppingRule(threshold=0.55, stop_on_settled_majority=True), **counts)
-    assert (settled.stop, settled.reason) == (True, "majority")
 
 
 def test_nothing_drawn_decides_nothing() -> None:

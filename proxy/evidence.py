@@ -1,0 +1,122 @@
+"""What the judge is shown: per-choice evidence, gathered whole or from stream chunks.
+
+Every way of answering (a complete response, a buffered stream, a passthrough stream, the
+sampled methods) only gathers evidence; :func:`proxy.judge.judge_call` turns it into
+verdicts without knowing which one gathered it.
+
+* :func:`from_response` reads a complete OpenAI response;
+* :class:`StreamEvidence` collects the same from stream chunks as they pass;
+* :meth:`CallEvidence.add_samples` attaches the extra samples, for consistency/hybrid.
+
+Pure of the web framework: it reads the wire format through :mod:`proxy.protocol`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.confidence.consistency import Agreement
+from proxy.confidence.logprobs import scores_from_choice, scores_from_tokens, token_logprobs
+from proxy.protocol import Kind, choice_text, choices_of, is_tool_call
+from proxy.sampling.draw import SamplingResult
+
+
+@dataclass(slots=True)
+class ChoiceEvidence:
+    """What is known about one choice when it is judged."""
+
+    index: int
+    #: the answer's text (None for a tool call or empty content)
+    text: str | None
+    #: the logprob scores of its tokens (empty when the upstream gave no logprobs)
+    scores: Mapping[str, float]
+    tool_call: bool = False
+    #: how the extra samples agree with this answer (consistency and hybrid only)
+    agreement: Agreement | None = None
+
+
+@dataclass(slots=True)
+class CallEvidence:
+    """The evidence for every choice of one call, and what the call as a whole says."""
+
+    choices: list[ChoiceEvidence]
+    #: the client asked for JSON output (``response_format``)
+    json_mode: bool = False
+    #: the text already reached the client (passthrough): a verdict can only annotate
+    already_sent: bool = False
+    #: the extra samples, when the rule's method draws them
+    sampling: SamplingResult | None = None
+
+    @property
+    def texts(self) -> list[str | None]:
+        return [c.text for c in self.choices]
+
+    def add_samples(self, result: SamplingResult, agreements: Iterable[Agreement | None]) -> None:
+        """Attach the samples and each choice's agreement with them."""
+        self.sampling = result
+        for choice, agreement in zip(self.choices, agreements, strict=True):
+            choice.agreement = agreement
+
+
+def from_response(kind: Kind, response: dict[str, Any], *, json_mode: bool) -> CallEvidence:
+    """The evidence in a complete (non-streamed) response; 502 when it has no choices."""
+    return CallEvidence(
+        [
+            ChoiceEvidence(
+                index=i,
+                text=choice_text(kind, choice),
+                scores=scores_from_choice(choice.get("logprobs")),
+                tool_call=is_tool_call(kind, choice),
+            )
+            for i, choice in enumerate(choices_of(response))
+        ],
+        json_mode=json_mode,
+    )
+
+
+@dataclass(slots=True)
+class StreamEvidence:
+    """Token logprobs, tool-call flags and (when asked) texts per choice index, from chunks."""
+
+    kind: Kind
+    keep_texts: bool = False
+    _lps: dict[int, list[float]] = field(default_factory=dict)
+    _tops: dict[int, list[list[float]]] = field(default_factory=dict)
+    _tools: set[int] = field(default_factory=set)
+    _texts: dict[int, list[str]] = field(default_factory=dict)
+
+    def add(self, choice: dict[str, Any]) -> None:
+        """Read one streamed choice delta."""
+        index = choice.get("index", 0)
+        if self.keep_texts:
+            piece = (
+                choice.get("text")
+                if self.kind == "completions"
+                else (choice.get("delta") or {}).get("content")
+            )
+            if isinstance(piece, str):
+                self._texts.setdefault(index, []).append(piece)
+        lps, tops = token_logprobs(choice.get("logprobs"))
+        self._lps.setdefault(index, []).extend(lps)
+        self._tops.setdefault(index, []).extend(tops)
+        if is_tool_call(self.kind, choice):
+            self._tools.add(index)
+
+    def evidence(self, *, json_mode: bool) -> CallEvidence:
+        """Everything streamed so far, one choice per index seen, in index order."""
+        indexes = sorted(self._lps.keys() | self._tools)
+        return CallEvidence(
+            [
+                ChoiceEvidence(
+                    index=i,
+                    text="".join(self._texts.get(i, [])) if self.keep_texts else None,
+                    scores=scores_from_tokens(self._lps.get(i, []), self._tops.get(i, [])),
+                    tool_call=i in self._tools,
+                )
+                for i in indexes
+            ],
+            json_mode=json_mode,
+            already_sent=True,
+        )
