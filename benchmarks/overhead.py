@@ -1,8 +1,8 @@
 """What the proxy adds on the request path, measured side by side.
 
-Starts the fake OpenAI-compatible upstream (tests/fake_server.py) and ``abstain serve``
-in front of it (logprob confidence on), then measures, interleaving direct and proxied
-requests so that machine drift hits both alike:
+Starts the fake OpenAI-compatible upstream (tests/fake_server.py, run as a process from
+the checkout) and ``abstain serve`` in front of it (logprob confidence on), then
+measures, interleaving direct and proxied requests so that machine drift hits both alike:
 
 * added latency at concurrency 1 (p50 / p99 of proxied minus direct),
 * requests per second at concurrency 32 through the proxy (and direct, for scale),
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import statistics
 import subprocess
 import sys
@@ -25,10 +26,10 @@ from pathlib import Path
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from proxy.local_model import wait_ready
 
-from tests.e2e.procs import free_port, wait_http  # noqa: E402
+#: The checkout: the processes run from it (``-m tests.fake_server`` needs it as cwd).
+ROOT = Path(__file__).resolve().parents[1]
 
 BODY = {
     "model": "sure",
@@ -44,6 +45,12 @@ defaults: {{threshold: 0.5, method: logprobs, score: min_logprob, streaming: pas
 auth: {{unknown_keys: default, default_tenant: bench}}
 tenants: {{bench: {{}}}}
 """
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def pct(values: list[float], q: float) -> float:
@@ -75,28 +82,29 @@ async def first_byte(session: aiohttp.ClientSession, url: str) -> float:
     return elapsed
 
 
-async def latency(direct: str, proxied: str, n: int) -> tuple[list[float], list[float]]:
-    d, p = [], []
+async def latency(urls: list[str], n: int) -> list[list[float]]:
+    """``n`` sequential requests to each URL in turn (interleaved), per URL."""
+    out: list[list[float]] = [[] for _ in urls]
     async with aiohttp.ClientSession() as s:
-        for _ in range(20):  # warm both connection pools
-            await timed(s, direct, BODY)
-            await timed(s, proxied, BODY)
+        for _ in range(20):  # warm every connection pool
+            for url in urls:
+                await timed(s, url, BODY)
         for _ in range(n):
-            d.append(await timed(s, direct, BODY))
-            p.append(await timed(s, proxied, BODY))
-    return d, p
+            for i, url in enumerate(urls):
+                out[i].append(await timed(s, url, BODY))
+    return out
 
 
-async def ttfb(direct: str, proxied: str, n: int) -> tuple[list[float], list[float]]:
-    d, p = [], []
+async def ttfb(urls: list[str], n: int) -> list[list[float]]:
+    out: list[list[float]] = [[] for _ in urls]
     async with aiohttp.ClientSession() as s:
         for _ in range(10):
-            await first_byte(s, direct)
-            await first_byte(s, proxied)
+            for url in urls:
+                await first_byte(s, url)
         for _ in range(n):
-            d.append(await first_byte(s, direct))
-            p.append(await first_byte(s, proxied))
-    return d, p
+            for i, url in enumerate(urls):
+                out[i].append(await first_byte(s, url))
+    return out
 
 
 async def throughput(url: str, concurrency: int, seconds: float) -> float:
@@ -116,19 +124,23 @@ async def throughput(url: str, concurrency: int, seconds: float) -> float:
         return done / (time.perf_counter() - t0)
 
 
-def start(args: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+def start(args: list[str], cwd: Path = ROOT) -> subprocess.Popen[bytes]:
+    # ``-m`` puts the working directory first on sys.path: run from a baseline checkout,
+    # its own ``proxy`` package is the one imported.
+    return subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=subprocess.DEVNULL,
                             stderr=subprocess.STDOUT)  # fmt: skip
 
 
-def first_answer_seconds(policy: Path) -> tuple[float, subprocess.Popen[bytes], int]:
+def first_answer_seconds(
+    policy: Path, cwd: Path = ROOT
+) -> tuple[float, subprocess.Popen[bytes], int]:
     """Seconds from spawning ``abstain serve`` to its first successful completion."""
     import urllib.request
 
     port = free_port()
     t0 = time.perf_counter()
     proc = start(["-m", "proxy.cli", "serve", "--policy", str(policy), "--port", str(port),
-                  "--log-level", "warning"])  # fmt: skip
+                  "--log-level", "warning"], cwd)  # fmt: skip
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     data = __import__("json").dumps(BODY).encode()
     while True:
@@ -149,6 +161,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=400, help="sequential requests per round")
     ap.add_argument("--seconds", type=float, default=3.0, help="length of each throughput run")
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (e.g. `git worktree add /tmp/before HEAD~1`) whose proxy is "
+        "measured in the same run, interleaved, as 'before'",
+    )
     args = ap.parse_args()
 
     up_port = free_port()
@@ -156,31 +174,40 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     policy = tmp / "policy.yaml"
     policy.write_text(POLICY.format(port=up_port))
-    proxy = None
+    # (label, checkout); the current checkout always comes last.
+    proxies = [("before", args.baseline.resolve())] if args.baseline else []
+    proxies.append(("this checkout" if args.baseline else "through proxy", ROOT))
+    procs: list[subprocess.Popen[bytes]] = []
     try:
-        wait_http(f"http://127.0.0.1:{up_port}/v1/models", upstream)
-        startup, proxy, port = first_answer_seconds(policy)
+        wait_ready(f"http://127.0.0.1:{up_port}/v1", upstream, timeout=30)
+        urls = [f"http://127.0.0.1:{up_port}/v1/chat/completions"]
+        startups, idle = [], []
+        for _label, checkout in proxies:
+            startup, proc, port = first_answer_seconds(policy, checkout)
+            procs.append(proc)
+            startups.append(startup)
+            urls.append(f"http://127.0.0.1:{port}/v1/chat/completions")
         time.sleep(1.0)
-        idle_rss = rss_mib(proxy.pid)
-        direct = f"http://127.0.0.1:{up_port}/v1/chat/completions"
-        proxied = f"http://127.0.0.1:{port}/v1/chat/completions"
+        idle = [rss_mib(p.pid) for p in procs]
 
-        lat_d, lat_p, tt_d, tt_p, rps_d, rps_p = [], [], [], [], [], []
-        for _ in range(args.rounds):
-            d, p = asyncio.run(latency(direct, proxied, args.requests))
-            lat_d += d
-            lat_p += p
-            d, p = asyncio.run(ttfb(direct, proxied, args.requests // 4))
-            tt_d += d
-            tt_p += p
-            rps_d.append(asyncio.run(throughput(direct, args.concurrency, args.seconds)))
-            rps_p.append(asyncio.run(throughput(proxied, args.concurrency, args.seconds)))
-        busy_rss = rss_mib(proxy.pid)
+        lat: list[list[float]] = [[] for _ in urls]
+        first: list[list[float]] = [[] for _ in urls]
+        rps: list[list[float]] = [[] for _ in urls]
+        for r in range(args.rounds):
+            for i, values in enumerate(asyncio.run(latency(urls, args.requests))):
+                lat[i] += values
+            for i, values in enumerate(asyncio.run(ttfb(urls, args.requests // 4))):
+                first[i] += values
+            # Each round starts the throughput runs with another URL, so no one of them
+            # always runs first (or last) on a machine that warms up or heats up.
+            for k in range(len(urls)):
+                i = (k + r) % len(urls)
+                rps[i].append(asyncio.run(throughput(urls[i], args.concurrency, args.seconds)))
+        busy = [rss_mib(p.pid) for p in procs]
     finally:
-        for proc in (proxy, upstream):
-            if proc is not None:
-                proc.terminate()
-                proc.wait(10)
+        for proc in (*procs, upstream):
+            proc.terminate()
+            proc.wait(10)
 
     ms = 1000.0
 
@@ -189,17 +216,21 @@ def main() -> None:
 
     print(f"rounds={args.rounds} sequential requests/round={args.requests} "
           f"concurrency={args.concurrency} throughput run={args.seconds}s")  # fmt: skip
-    row("measure", "direct", "through proxy", "added / ratio")
-    row("---", "---", "---", "---")
+    labels = [label for label, _ in proxies]
+    row("measure", "direct", *labels, *(f"added / ratio, {label}" for label in labels))
+    row(*["---"] * (2 + 2 * len(labels)))
     for name, q in (("latency p50 (c=1)", 0.5), ("latency p99 (c=1)", 0.99)):
-        d, p = pct(lat_d, q) * ms, pct(lat_p, q) * ms
-        row(name, f"{d:.2f} ms", f"{p:.2f} ms", f"+{p - d:.2f} ms")
-    d, p = pct(tt_d, 0.5) * ms, pct(tt_p, 0.5) * ms
-    row("time to first byte p50, passthrough", f"{d:.2f} ms", f"{p:.2f} ms", f"+{p - d:.2f} ms")
-    d, p = statistics.median(rps_d), statistics.median(rps_p)
-    row(f"requests/s at c={args.concurrency}, median", f"{d:.0f}", f"{p:.0f}", f"{p / d:.2f}x")
-    row("proxy resident memory, idle / loaded", "", f"{idle_rss:.0f} / {busy_rss:.0f} MiB", "")
-    row("proxy start to first answer", "", f"{startup:.2f} s", "")
+        d, *ps = (pct(values, q) * ms for values in lat)
+        row(name, f"{d:.2f} ms", *(f"{p:.2f} ms" for p in ps), *(f"+{p - d:.2f} ms" for p in ps))
+    d, *ps = (pct(values, 0.5) * ms for values in first)
+    row("time to first byte p50, passthrough", f"{d:.2f} ms", *(f"{p:.2f} ms" for p in ps),
+        *(f"+{p - d:.2f} ms" for p in ps))  # fmt: skip
+    d, *ps = (statistics.median(values) for values in rps)
+    row(f"requests/s at c={args.concurrency}, median", f"{d:.0f}", *(f"{p:.0f}" for p in ps),
+        *(f"{p / d:.2f}x" for p in ps))  # fmt: skip
+    memory = (f"{i:.0f} / {b:.0f} MiB" for i, b in zip(idle, busy, strict=True))
+    row("proxy resident memory, idle / loaded", "", *memory, *[""] * len(labels))
+    row("proxy start to first answer", "", *(f"{s:.2f} s" for s in startups), *[""] * len(labels))
 
 
 if __name__ == "__main__":
