@@ -17,17 +17,19 @@ import httpx
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from proxy.decision_log import DecisionLog
-from proxy.errors import BadRequest, ProxyError
+from proxy.errors import BadRequest, MethodNotAllowed, NotFound, ProxyError
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
 from proxy.policy.loading import PolicyStore
 from proxy.recording import Recorder
 from proxy.routes import router
 from proxy.settings import Settings, environment
+from proxy.upstream.base import ResponseCaps
 from proxy.upstream.pool import UpstreamPool
 
 log = logging.getLogger("abstain")
@@ -49,11 +51,23 @@ def _http_client(
     return httpx.AsyncClient(transport=transport, limits=limits, timeout=None)
 
 
+async def _watch_step(store: PolicyStore) -> None:
+    """One poll of the policy file: reload (parsed off the loop) if it changed.
+
+    Never raises: a failed reload is already logged and counted by the store, and
+    anything else is logged here, so the watcher outlives every broken edit.
+    """
+    try:
+        if store.changed():
+            await store.reload_async()
+    except Exception:
+        log.exception("policy watcher: unexpected error; still watching %s", store.path)
+
+
 async def _watch(store: PolicyStore, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
-        if store.changed():
-            store.reload()
+        await _watch_step(store)
 
 
 def create_app(
@@ -80,7 +94,7 @@ def create_app(
     decisions = DecisionLog(
         settings.decision_log,
         memory=settings.feedback_memory,
-        on_error=metrics.decision_log_errors.inc,
+        on_error=metrics.decision_log_errors.inc,  # called with the records lost
     )
     recorder = Recorder(metrics, decisions)
 
@@ -88,7 +102,11 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal upstreams
         client = _http_client(settings, transport)
-        upstreams = UpstreamPool(client, env)
+        caps = ResponseCaps(
+            max_response_bytes=settings.max_upstream_response_bytes,
+            max_line_bytes=settings.max_upstream_line_bytes,
+        )
+        upstreams = UpstreamPool(client, env, metrics, caps)
         upstreams.rebuild(store.current.spec.upstreams)
         app.state.upstreams = upstreams
         app.state.pipeline = Pipeline(upstreams, recorder)
@@ -96,8 +114,16 @@ def create_app(
         watcher = None
         if settings.reload_interval_seconds > 0:
             watcher = asyncio.create_task(_watch(store, settings.reload_interval_seconds))
+        sighup_reloads: set[asyncio.Task[bool]] = set()
+
+        def on_sighup() -> None:
+            # Parse in a worker thread, like the watcher; keep a reference to the task.
+            task = loop.create_task(store.reload_async())
+            sighup_reloads.add(task)
+            task.add_done_callback(sighup_reloads.discard)
+
         if settings.handle_signals:
-            loop.add_signal_handler(signal.SIGHUP, store.reload)
+            loop.add_signal_handler(signal.SIGHUP, on_sighup)
         try:
             yield
         finally:
@@ -105,6 +131,8 @@ def create_app(
                 loop.remove_signal_handler(signal.SIGHUP)
             if watcher is not None:
                 watcher.cancel()
+            for task in list(sighup_reloads):
+                task.cancel()
             await client.aclose()
             decisions.close()
 
@@ -114,6 +142,8 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        # No 307 to a Location built from the client's Host header for a trailing slash.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -123,13 +153,27 @@ def create_app(
     app.include_router(router)
     app.add_exception_handler(ProxyError, _proxy_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
     return app
 
 
 async def _proxy_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 and 405, in OpenAI's error shape like every other error."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 404:
+        error: ProxyError = NotFound("No such endpoint.")
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(f"{request.method} is not allowed on this endpoint.")
+    else:
+        error = ProxyError(str(exc.detail)[:200])
+        error.status = exc.status_code
+    return JSONResponse(error.body(), status_code=error.status, headers=exc.headers)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> Response:

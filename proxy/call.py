@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.policy.rules import Route, Rule
-from proxy.protocol import Kind, client_wants_logprobs, wants_json
+from proxy.protocol import Kind, client_top_logprobs, client_wants_logprobs, wants_json
 
 
 @dataclass(slots=True)
@@ -36,6 +36,15 @@ class Call:
     @property
     def client_logprobs(self) -> bool:
         return client_wants_logprobs(self.kind, self.body)
+
+    @property
+    def client_top_k(self) -> int | None:
+        """The alternatives per token to leave in the client's answer, when the proxy asked
+        the upstream for more than the client did (None: nothing to cut)."""
+        if not self.uses_logprobs:
+            return None
+        k = client_top_logprobs(self.kind, self.body)
+        return k if k is not None and k < self.rule.top_logprobs else None
 
     @property
     def uses_logprobs(self) -> bool:

@@ -21,33 +21,39 @@ from typing import Any
 
 from proxy import local_model
 from proxy.policy.loading import PolicyError, load_policy
+from proxy.settings import Settings
 
 DEFAULT_POLICY = Path("policies/default.yaml")
 
 
-def _uvicorn_config(
-    app: Any, host: str, port: int, log_level: str, graceful_seconds: int = 30
-) -> Any:
+def _uvicorn_config(app: Any, settings: Settings) -> Any:
     import uvicorn
 
-    return uvicorn.Config(
+    from proxy.server_protocol import HeaderTimeoutProtocol
+
+    httptools = importlib.util.find_spec("httptools") is not None
+    config = uvicorn.Config(
         app,
-        host=host,
-        port=port,
-        log_level=log_level,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
         access_log=False,
-        # The fast event loop and parser when installed; plain asyncio/h11 otherwise.
+        # The fast event loop and parser when installed; plain asyncio/h11 otherwise
+        # (without the client header timeout, which needs the httptools protocol).
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        http=HeaderTimeoutProtocol if httptools else "h11",
+        limit_concurrency=settings.max_connections,
         # Drain in-flight requests and streams on SIGTERM (Kubernetes sizes its grace
         # period to match: ABSTAIN_GRACEFUL_SHUTDOWN_SECONDS).
-        timeout_graceful_shutdown=graceful_seconds,
+        timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
     )
+    # Read by HeaderTimeoutProtocol; an attribute so that it travels to worker processes.
+    config.client_header_timeout = settings.client_header_timeout_seconds  # type: ignore[attr-defined]
+    return config
 
 
 def _build_app(policy: Path, host: str, port: int) -> Any:
     from proxy.app import create_app
-    from proxy.settings import Settings
 
     try:
         return create_app(Settings(policy=policy, host=host, port=port))
@@ -60,7 +66,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from proxy import multiprocess
-    from proxy.settings import Settings
 
     # Flags win over ABSTAIN_* variables, which win over defaults: a container image
     # configures `abstain serve` through its environment, a developer through flags.
@@ -71,11 +76,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "log_level": args.log_level,
     }
     settings = Settings(**{k: v for k, v in flags.items() if v is not None})
-    host, port, log_level = settings.host, settings.port, settings.log_level
     # Built first with the factory's import string: uvicorn.Config reads WEB_CONCURRENCY
     # when --workers is not given, and several workers need an import string anyway.
-    graceful = settings.graceful_shutdown_seconds
-    config = _uvicorn_config(multiprocess.APP_FACTORY, host, port, log_level, graceful)
+    config = _uvicorn_config(multiprocess.APP_FACTORY, settings)
     if args.workers is not None:
         if args.workers < 1:
             print("--workers must be at least 1", file=sys.stderr)
@@ -86,8 +89,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if multiprocess.MULTIPROC_ENV in os.environ:
         # Set by the operator for a single worker: the directory must exist and be empty.
         multiprocess.prepare_directory(os.environ)
-    app = _build_app(settings.policy, host, port)
-    server = uvicorn.Server(_uvicorn_config(app, host, port, log_level, graceful))
+    app = _build_app(settings.policy, settings.host, settings.port)
+    server = uvicorn.Server(_uvicorn_config(app, settings))
     server.run()
     return 0
 
@@ -133,7 +136,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         local_model.wait_ready(f"http://127.0.0.1:{args.model_port}/v1", proc)
         app = _build_app(args.policy, args.host, args.port)
-        server = uvicorn.Server(_uvicorn_config(app, args.host, args.port, args.log_level))
+        settings = Settings(
+            policy=args.policy, host=args.host, port=args.port, log_level=args.log_level
+        )
+        server = uvicorn.Server(_uvicorn_config(app, settings))
 
         async def run() -> None:
             task = asyncio.create_task(server.serve())

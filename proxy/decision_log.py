@@ -10,15 +10,31 @@ tenant's rule says ``log_text: true``.
 Recent verdicts are also kept in memory (bounded) so feedback can be binned by the
 confidence the proxy predicted; that index is per process, like the metrics.
 A log that cannot be written is reported and counted, and serving goes on.
+
+The log file is watched like :class:`logging.handlers.WatchedFileHandler` does: before
+each write the path is stat'ed and compared, by (device, inode), with the open file; when
+it was renamed (logrotate) or deleted, it is reopened, so records land in a fresh file at
+the configured path. When the path cannot be opened (its directory is gone, no
+permission), every record not written is counted in ``on_error`` (one per record) and
+logged at most once a minute; writing resumes by itself once the path is writable.
+The path ``-`` writes the JSON Lines to standard output instead (for container
+platforms that collect stdout).
+
+Feedback is idempotent per (id, choice): :meth:`DecisionLog.previous_feedback` tells
+what was already said, and it is remembered with the response, so it is bounded by
+``memory`` too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -40,6 +56,8 @@ class Remembered:
     tenant: str
     model: str
     confidences: tuple[float | None, ...]
+    #: the feedback already recorded, by choice (``correct`` as given)
+    feedback: dict[int, bool] = field(default_factory=dict, compare=False)
 
 
 class DecisionLog:
@@ -50,33 +68,69 @@ class DecisionLog:
         path: Path | None,
         *,
         memory: int = 100_000,
-        on_error: Callable[[], None] = lambda: None,
+        on_error: Callable[[int], object] = lambda _lost: None,
+        stream: IO[str] | None = None,
     ) -> None:
+        """``path`` ``-`` means standard output (or ``stream``, when given)."""
         self.path = path
+        self._stdout = path is not None and str(path) == "-"
+        self._stream = stream
         self._memory = memory
         self._recent: OrderedDict[str, Remembered] = OrderedDict()
         self._on_error = on_error
         self._fh: IO[bytes] | None = None
+        self._identity: tuple[int, int] | None = None
         self._last_error_logged = 0.0
+
+    def _open(self, path: Path) -> IO[bytes]:
+        """The open log file, reopened when the path no longer names it."""
+        if self._fh is not None:
+            try:
+                st = os.stat(path)
+                same = (st.st_dev, st.st_ino) == self._identity
+            except FileNotFoundError:
+                same = False
+            if not same:
+                self._close_file()
+        if self._fh is None:
+            fh = open(path, "ab")  # noqa: SIM115 - kept open for appends
+            st = os.fstat(fh.fileno())
+            self._fh, self._identity = fh, (st.st_dev, st.st_ino)
+        return self._fh
+
+    def _close_file(self) -> None:
+        fh, self._fh, self._identity = self._fh, None, None
+        if fh is not None:
+            with contextlib.suppress(OSError):
+                fh.close()
 
     def _write(self, records: Sequence[DecisionRecord | FeedbackRecord]) -> None:
         if self.path is None or not records:
             return
         data = b"".join(orjson.dumps(r.to_json()) + b"\n" for r in records)
         try:
-            if self._fh is None:
-                # Opened lazily and re-opened after a failure, so a directory that
-                # appears (or becomes writable) later starts receiving records.
-                self._fh = open(self.path, "ab")  # noqa: SIM115 - kept open for appends
-            self._fh.write(data)
-            self._fh.flush()
-        except OSError as exc:
-            self._fh = None
-            self._on_error()
+            if self._stdout:
+                stream = self._stream or sys.stdout
+                stream.write(data.decode())
+                stream.flush()
+            else:
+                fh = self._open(self.path)
+                fh.write(data)
+                fh.flush()
+        except (OSError, ValueError) as exc:  # ValueError: a closed stream
+            if not self._stdout:
+                self._close_file()
+            self._on_error(len(records))
             moment = time.monotonic()
             if moment - self._last_error_logged > _ERROR_LOG_INTERVAL:
                 self._last_error_logged = moment
-                log.error("cannot write the decision log %s: %s", self.path, exc.strerror)
+                reason = getattr(exc, "strerror", None) or str(exc)
+                log.error(
+                    "cannot write the decision log %s (%d record(s) lost): %s",
+                    self.path,
+                    len(records),
+                    reason,
+                )
 
     def record(
         self,
@@ -114,10 +168,17 @@ class DecisionLog:
     def lookup(self, response_id: str) -> Remembered | None:
         return self._recent.get(response_id)
 
+    def previous_feedback(self, response_id: str, choice: int) -> bool | None:
+        """The ``correct`` already recorded for (id, choice), or None when there is none."""
+        seen = self._recent.get(response_id)
+        return None if seen is None else seen.feedback.get(choice)
+
     def feedback(self, response_id: str, choice: int, correct: bool) -> None:
+        """Log feedback and remember it, so that a repeat can be recognized."""
+        seen = self._recent.get(response_id)
+        if seen is not None:
+            seen.feedback[choice] = correct
         self._write([FeedbackRecord(response_id, choice, correct)])
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        self._close_file()

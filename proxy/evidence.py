@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.confidence.consistency import Agreement
-from proxy.confidence.logprobs import scores_from_choice, scores_from_tokens, token_logprobs
+from proxy.confidence.logprobs import MalformedLogprobs, scores_from_tokens, token_logprobs
+from proxy.errors import UpstreamMalformed
 from proxy.protocol import Kind, choice_text, choices_of, is_tool_call
 from proxy.sampling.draw import SamplingResult
 
@@ -60,20 +61,37 @@ class CallEvidence:
             choice.agreement = agreement
 
 
+def _tokens(logprobs: Any) -> tuple[list[float], list[list[float]]]:
+    try:
+        return token_logprobs(logprobs)
+    except MalformedLogprobs as exc:
+        raise UpstreamMalformed(f"The upstream answer has malformed logprobs: {exc}.") from None
+
+
+def _check_shape(kind: Kind, choice: dict[str, Any], part: str) -> None:
+    """A chat choice's ``message`` (or a chunk's ``delta``) must be an object."""
+    if kind == "chat" and not isinstance(choice.get(part) or {}, dict):
+        raise UpstreamMalformed(f"The upstream answer's '{part}' is not an object.")
+
+
 def from_response(kind: Kind, response: dict[str, Any], *, json_mode: bool) -> CallEvidence:
-    """The evidence in a complete (non-streamed) response; 502 when it has no choices."""
-    return CallEvidence(
-        [
+    """The evidence in a complete (non-streamed) response; 502 when it is malformed."""
+    choices = []
+    for i, choice in enumerate(choices_of(response)):
+        _check_shape(kind, choice, "message")
+        choices.append(
             ChoiceEvidence(
                 index=i,
                 text=choice_text(kind, choice),
-                scores=scores_from_choice(choice.get("logprobs")),
+                scores=scores_from_tokens(*_tokens(choice.get("logprobs"))),
                 tool_call=is_tool_call(kind, choice),
             )
-            for i, choice in enumerate(choices_of(response))
-        ],
-        json_mode=json_mode,
-    )
+        )
+    return CallEvidence(choices, json_mode=json_mode)
+
+
+#: A client may ask for n ≤ 128 choices; an index past that is not a choice of this call.
+_MAX_CHOICES = 128
 
 
 @dataclass(slots=True)
@@ -88,8 +106,11 @@ class StreamEvidence:
     _texts: dict[int, list[str]] = field(default_factory=dict)
 
     def add(self, choice: dict[str, Any]) -> None:
-        """Read one streamed choice delta."""
+        """Read one streamed choice delta; 502 when it is malformed."""
         index = choice.get("index", 0)
+        if type(index) is not int or not 0 <= index < _MAX_CHOICES:
+            raise UpstreamMalformed("The upstream stream carried a choice without a valid index.")
+        _check_shape(self.kind, choice, "delta")
         if self.keep_texts:
             piece = (
                 choice.get("text")
@@ -98,7 +119,7 @@ class StreamEvidence:
             )
             if isinstance(piece, str):
                 self._texts.setdefault(index, []).append(piece)
-        lps, tops = token_logprobs(choice.get("logprobs"))
+        lps, tops = _tokens(choice.get("logprobs"))
         self._lps.setdefault(index, []).extend(lps)
         self._tops.setdefault(index, []).extend(tops)
         if is_tool_call(self.kind, choice):

@@ -43,6 +43,20 @@ class Metrics:
             ["tenant", "model", "route", "decision", "status"],
             registry=r,
         )
+        self.limited = Counter(
+            "abstain_limited_requests",
+            "Requests refused by a limit: max_n, max_upstream_calls (400), "
+            "max_concurrent_requests, rate_limit_per_second (429).",
+            ["tenant", "limit"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "abstain_in_flight_requests",
+            "Completion requests holding a tenant lease now (admitted, not yet finished).",
+            ["tenant"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.choices = Counter(
             "abstain_choices",
             "Judged answers (choices) by decision: answer, abstain, hedge, annotate, unjudged.",
@@ -95,6 +109,19 @@ class Metrics:
             ["upstream", "kind"],
             registry=r,
         )
+        self.upstream_retries = Counter(
+            "abstain_upstream_retries",
+            "Upstream attempts retried, by the reason of the failed one (connect, status_503...).",
+            ["upstream", "reason"],
+            registry=r,
+        )
+        self.upstream_circuit_state = Gauge(
+            "abstain_upstream_circuit_state",
+            "Each upstream's circuit breaker: 0 closed, 1 half-open, 2 open (fails fast).",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
         self.policy_reloads = Counter(
             "abstain_policy_reloads",
             "Policy reload attempts by result (success, failure).",
@@ -115,7 +142,7 @@ class Metrics:
         )
         self.decision_log_errors = Counter(
             "abstain_decision_log_errors",
-            "Decision-log or feedback records that could not be written.",
+            "Decision-log or feedback records that could not be written (one per record lost).",
             registry=r,
         )
         self.samples_used = Histogram(

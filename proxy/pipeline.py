@@ -73,6 +73,7 @@ class Pipeline:
             verdicts,
             call.rule,
             keep_logprobs=call.client_logprobs,
+            top_k=call.client_top_k,
             shown=shown_answer(evidence, call.rule),
         )
         return response, verdicts

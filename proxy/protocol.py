@@ -54,6 +54,9 @@ def validate_request(kind: Kind, body: dict[str, Any]) -> None:
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise BadRequest("'stream' must be a boolean.", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise BadRequest("'stream_options' must be an object.", param="stream_options")
     logprobs = body.get("logprobs")
     if kind == "chat":
         if logprobs is not None and not isinstance(logprobs, bool):
@@ -69,6 +72,44 @@ def client_wants_logprobs(kind: Kind, body: dict[str, Any]) -> bool:
     if kind == "chat":
         return bool(body.get("logprobs"))
     return body.get("logprobs") is not None
+
+
+def client_top_logprobs(kind: Kind, body: dict[str, Any]) -> int | None:
+    """How many alternatives per token the client asked for; None when it asked for no
+    logprobs at all."""
+    if kind == "chat":
+        if not body.get("logprobs"):
+            return None
+        top = body.get("top_logprobs")
+    else:
+        top = body.get("logprobs")
+        if top is None:
+            return None
+    return top if isinstance(top, int) and not isinstance(top, bool) and top > 0 else 0
+
+
+def trim_top_logprobs(kind: Kind, logprobs: Any, k: int) -> None:
+    """Cut each token's alternatives to the ``k`` the client asked for (in place).
+
+    The proxy may ask the upstream for more alternatives than the client did (its
+    scores read them); the client still gets exactly what it asked for.
+    """
+    if not isinstance(logprobs, dict):
+        return
+    if kind == "chat":
+        for token in logprobs.get("content") or ():
+            if isinstance(token, dict):
+                top = token.get("top_logprobs")
+                if isinstance(top, list) and len(top) > k:
+                    token["top_logprobs"] = top[:k]
+        return
+    tops = logprobs.get("top_logprobs")
+    if isinstance(tops, list):
+        for i, top in enumerate(tops):
+            if isinstance(top, dict) and len(top) > k:
+                # Completions' alternatives are a {token: logprob} map: keep the k best.
+                best = sorted(top.items(), key=lambda kv: -float(kv[1] or -1e30))[:k]
+                tops[i] = dict(best)
 
 
 def upstream_body(
@@ -99,8 +140,8 @@ def choices_of(response: dict[str, Any]) -> list[dict[str, Any]]:
 
 def choice_text(kind: Kind, choice: dict[str, Any]) -> str | None:
     if kind == "chat":
-        message = choice.get("message") or {}
-        content = message.get("content")
+        message = choice.get("message")
+        content = message.get("content") if isinstance(message, dict) else None
         return content if isinstance(content, str) else None
     text = choice.get("text")
     return text if isinstance(text, str) else None
@@ -119,7 +160,9 @@ def set_choice_text(kind: Kind, choice: dict[str, Any], text: str) -> None:
 def is_tool_call(kind: Kind, choice: dict[str, Any]) -> bool:
     if kind != "chat":
         return False
-    message = choice.get("message") or choice.get("delta") or {}
+    message = choice.get("message") or choice.get("delta")
+    if not isinstance(message, dict):
+        return False
     return bool(message.get("tool_calls") or message.get("function_call"))
 
 
@@ -130,7 +173,34 @@ def wants_json(body: dict[str, Any]) -> bool:
 
 def sse(data: dict[str, Any]) -> bytes:
     """One server-sent event carrying a JSON object."""
-    return b"data: " + orjson.dumps(data) + b"\n\n"
+    return b"data: " + dump_json(data) + b"\n\n"
+
+
+def dump_json(data: dict[str, Any]) -> bytes:
+    """An upstream answer as JSON for the client; 502 when it cannot be written back.
+
+    orjson refuses objects nested deeper than 255 levels, which an upstream (or a
+    client's field it echoes) can produce: that is a broken answer, not a proxy crash.
+    """
+    try:
+        return orjson.dumps(data)
+    except orjson.JSONEncodeError:
+        raise UpstreamError(
+            "The upstream answer cannot be relayed (nested too deeply or not JSON).",
+            kind="malformed",
+        ) from None
+
+
+def request_json(body: dict[str, Any]) -> bytes:
+    """A request body as JSON for the upstream; 400 when it cannot be written.
+
+    orjson parses deeper nesting than it writes (255 levels): a client's body can be
+    valid JSON that no upstream request can carry.
+    """
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        raise BadRequest("The request body is nested too deeply to forward.") from None
 
 
 SSE_DONE = b"data: [DONE]\n\n"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.policy.rules import Rule
-from proxy.protocol import Kind, choice_text, choices_of, set_choice_text
+from proxy.protocol import Kind, choice_text, choices_of, set_choice_text, trim_top_logprobs
 from proxy.verdict import Verdict
 
 
@@ -30,12 +30,14 @@ def rewrite_response(
     rule: Rule,
     *,
     keep_logprobs: bool,
+    top_k: int | None = None,
     shown: str | None = None,
 ) -> None:
     """Apply every choice's verdict and attach it (in place).
 
     ``shown`` replaces the model's answer before the verdict applies (the samples'
-    majority, for a rule that shows it).
+    majority, for a rule that shows it); ``top_k`` cuts each token's alternatives to what
+    the client asked for.
     """
     choices = choices_of(response)
     for choice, verdict in zip(choices, verdicts, strict=True):
@@ -44,6 +46,8 @@ def rewrite_response(
         apply_verdict(kind, choice, verdict, rule)
         if not keep_logprobs and "logprobs" in choice:
             choice["logprobs"] = None
+        elif top_k is not None:
+            trim_top_logprobs(kind, choice.get("logprobs"), top_k)
         choice["abstention"] = verdict.to_dict()
     if verdicts:
         response["abstention"] = choices[0]["abstention"]

@@ -6,7 +6,9 @@ HTTP; everything about confidence and decisions happens in the pipeline.
 
 from __future__ import annotations
 
+import hmac
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,20 +19,29 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from proxy import streaming
+from proxy.admission import (
+    ReleasingBody,
+    admit,
+    api_key,
+    read_body,
+    read_body_in_time,
+    tenant_of,
+    until_disconnect,
+)
 from proxy.call import Call
 from proxy.decision_log import DecisionLog
 from proxy.errors import (
     BadRequest,
+    Conflict,
     ModelNotFound,
     NotFound,
-    PayloadTooLarge,
     ProxyError,
     Unauthorized,
 )
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
 from proxy.policy.loading import PolicyStore
-from proxy.protocol import Kind, parse_json_body, validate_request
+from proxy.protocol import Kind, dump_json, parse_json_body, validate_request
 from proxy.recording import Recorder
 from proxy.rewrite import verdict_headers
 
@@ -48,35 +59,6 @@ class _Labels:
     model: str = "unknown"
 
 
-def _api_key(request: Request) -> str | None:
-    auth = request.headers.get("authorization")
-    if auth and auth[:7].lower() == "bearer ":
-        return auth[7:].strip() or None
-    return request.headers.get("api-key")
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed ``limit``."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
-    parts: list[bytes] = []
-    size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
-        parts.append(part)
-    return b"".join(parts)
-
-
-def _tenant(store: PolicyStore, request: Request) -> str:
-    tenant = store.current.tenant_for(_api_key(request))
-    if tenant is None:
-        raise Unauthorized("Invalid or missing API key.")
-    return tenant
-
-
 async def _completion(request: Request, kind: Kind) -> Response:
     started = time.perf_counter()
     state = request.app.state
@@ -84,21 +66,32 @@ async def _completion(request: Request, kind: Kind) -> Response:
     pipeline: Pipeline = state.pipeline
     labels = _Labels(route=kind)
     call: Call | None = None
+    release: Callable[[], None] | None = None
     try:
-        raw = await _read_body(request, state.settings.max_body_bytes)
-        tenant = _tenant(store, request)  # like OpenAI: authenticate before parsing
+        settings = state.settings
+        tenant = tenant_of(store, request)  # before the body: a stranger holds nothing
+        raw = await read_body_in_time(
+            request, settings.max_body_bytes, settings.client_body_timeout_seconds
+        )
         body = parse_json_body(raw)
         labels.tenant = tenant
         validate_request(kind, body)
         policy = store.current
         route = policy.route(body["model"])
         if route is None:
-            raise ModelNotFound(f"The model {body['model']!r} does not exist.", param="model")
+            # Bounded: a client's megabyte of model name is not echoed back.
+            name = body["model"][:100]
+            raise ModelNotFound(f"The model {name!r} does not exist.", param="model")
         labels.model = route.model
-        call = Call(kind, body, tenant, route, policy.rule(tenant, route.model), started)
+        rule = policy.rule(tenant, route.model)
+        release = admit(request, policy, route, rule, body)
+        call = Call(kind, body, tenant, route, rule, started)
         if body.get("stream"):
-            return await _stream(pipeline, call)
-        response, verdicts = await pipeline.complete(call)
+            streamed = await until_disconnect(request, _stream(pipeline, call, release))
+            release = None  # the stream's body releases the lease when it ends
+            return streamed
+        response, verdicts = await until_disconnect(request, pipeline.complete(call))
+        payload = dump_json(response)
     except ProxyError as exc:
         if call is not None:
             pipeline.finish(call, [], exc.status)
@@ -106,17 +99,27 @@ async def _completion(request: Request, kind: Kind) -> Response:
             recorder: Recorder = state.recorder
             recorder.rejected(labels.route, labels.tenant, labels.model, exc.status, started)
         raise
+    finally:
+        # Answered, failed or cancelled (client gone): the tenant's slot is free again.
+        if release is not None:
+            release()
     pipeline.finish(call, verdicts, 200)
-    return Response(orjson.dumps(response), media_type=_JSON, headers=verdict_headers(verdicts))
+    return Response(payload, media_type=_JSON, headers=verdict_headers(verdicts))
 
 
-async def _stream(pipeline: Pipeline, call: Call) -> Response:
-    if call.rule.streaming == "passthrough":
-        stream = await streaming.passthrough(pipeline, call)
-    else:
-        stream = await streaming.buffered(pipeline, call)
+async def _stream(pipeline: Pipeline, call: Call, release: Callable[[], None]) -> Response:
+    """The SSE response; ``release`` runs once its body has ended (or failed to start)."""
+    try:
+        if call.rule.streaming == "passthrough":
+            stream = await streaming.passthrough(pipeline, call)
+        else:
+            stream = await streaming.buffered(pipeline, call)
+    except BaseException:
+        release()
+        raise
     headers = {"cache-control": "no-cache", "x-accel-buffering": "no", **stream.headers}
-    return StreamingResponse(stream.body, media_type="text/event-stream", headers=headers)
+    body = ReleasingBody(stream.body, release)
+    return StreamingResponse(body, media_type="text/event-stream", headers=headers)
 
 
 @router.post("/v1/chat/completions")
@@ -131,10 +134,19 @@ async def completions(request: Request) -> Response:
 
 @router.post("/v1/feedback")
 async def feedback(request: Request) -> Response:
-    """Record whether a past answer was right: ``{"id", "correct", "choice"?}``."""
+    """Record whether a past answer was right: ``{"id", "correct", "choice"?}``.
+
+    Idempotent per (id, choice): the first feedback is counted and logged. Repeating it
+    with the same ``correct`` answers 200 with ``"recorded": false, "duplicate": true``
+    and counts and logs nothing more (a client retry cannot skew the reliability
+    diagram or the refit). A repeat with the *other* ``correct`` is refused with 409
+    (``code: "feedback_conflict"``) and the first word stands: the live counters cannot
+    be taken back, so accepting a correction would leave the metrics and the log
+    disagreeing, and contradictory labels for one answer are worth a person's look.
+    """
     state = request.app.state
-    tenant = _tenant(state.store, request)
-    body = parse_json_body(await _read_body(request, state.settings.max_body_bytes))
+    tenant = tenant_of(state.store, request)
+    body = parse_json_body(await read_body(request, state.settings.max_body_bytes))
     rid, correct, choice = body.get("id"), body.get("correct"), body.get("choice", 0)
     if not isinstance(rid, str) or not rid:
         raise BadRequest("'id' must be the id of a response the proxy returned.", param="id")
@@ -152,18 +164,30 @@ async def feedback(request: Request) -> Response:
     p = seen.confidences[choice]
     metrics: Metrics = state.metrics
     bin_label = None if p is None else metrics.feedback_bin(p)
+    previous = decisions.previous_feedback(rid, choice)
+    if previous is not None and previous != correct:
+        raise Conflict(
+            f"Feedback for choice {choice} of this response was already recorded as "
+            f"correct={str(previous).lower()}; the first feedback stands.",
+            param="correct",
+            code="feedback_conflict",
+        )
+    out: dict[str, Any] = {"id": rid, "choice": choice, "correct": correct}
+    if previous is not None:
+        out.update(recorded=False, duplicate=True, bin=bin_label)
+        return Response(orjson.dumps(out), media_type=_JSON)
     if bin_label is not None:
         verdict = "true" if correct else "false"
         metrics.feedback.labels(seen.tenant, seen.model, bin_label, verdict).inc()
     decisions.feedback(rid, choice, correct)
-    out = {"id": rid, "choice": choice, "correct": correct, "recorded": True, "bin": bin_label}
+    out.update(recorded=True, bin=bin_label)
     return Response(orjson.dumps(out), media_type=_JSON)
 
 
 @router.get("/v1/models")
 async def models(request: Request) -> Response:
     store: PolicyStore = request.app.state.store
-    _tenant(store, request)
+    tenant_of(store, request)
     data: list[dict[str, Any]] = [
         {"id": name, "object": "model", "created": 0, "owned_by": "abstain-proxy"}
         for name in store.current.model_names
@@ -190,6 +214,11 @@ async def readyz(request: Request) -> Response:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     state = request.app.state
+    token = state.settings.metrics_token
+    if token is not None:
+        given = (api_key(request) or "").encode()
+        if not hmac.compare_digest(given, token.get_secret_value().encode()):
+            raise Unauthorized("The metrics need the metrics token (ABSTAIN_METRICS_TOKEN).")
     # Under several workers each process holds only its own share; proxy.multiprocess
     # installs a registry that sums every worker's files. One worker: its own registry.
     registry = getattr(state, "scrape_registry", None)

@@ -10,7 +10,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,8 +24,19 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=0, le=65535)
     #: requests larger than this are refused with 413 before any parsing
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    #: seconds a client has to send its whole request body (nginx's client_body_timeout)
+    client_body_timeout_seconds: float = Field(60.0, gt=0)
+    #: seconds a client has to send its request headers, on a new or kept-alive
+    #: connection (nginx's client_header_timeout; uvicorn has none of its own)
+    client_header_timeout_seconds: float = Field(60.0, gt=0)
+    #: open connections at most; past it new requests get 503 (uvicorn's limit_concurrency)
+    max_connections: int | None = Field(1000, ge=1)
     #: how often the policy file is checked for changes; 0 turns polling off (SIGHUP still works)
     reload_interval_seconds: float = Field(1.0, ge=0)
+    #: bytes of one upstream answer (decompressed) the proxy holds at most; past it, 502
+    max_upstream_response_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    #: bytes of one line (SSE event) of a streamed upstream answer; past it, 502
+    max_upstream_line_bytes: int = Field(1024 * 1024, ge=1024)
     #: connections kept to all OpenAI-compatible upstreams together
     max_upstream_connections: int = Field(512, ge=1)
     #: install the SIGHUP handler (only possible in the main thread)
@@ -33,10 +44,15 @@ class Settings(BaseSettings):
     log_level: str = "info"
     #: on SIGTERM, how long in-flight requests and streams may take to finish
     graceful_shutdown_seconds: int = Field(30, ge=0)
-    #: JSON Lines decision log (and feedback records); None keeps no log file
+    #: JSON Lines decision log (and feedback records); None keeps no log file, and
+    #: ``-`` writes the records to standard output (for platforms that collect stdout).
+    #: The file is reopened when it is rotated (renamed) or deleted.
     decision_log: Path | None = None
     #: how many recent responses are remembered so that feedback can find them
     feedback_memory: int = Field(100_000, ge=1)
+    #: when set, GET /metrics needs ``Authorization: Bearer <token>``: the metrics name
+    #: tenants and show their traffic, which not every client should see
+    metrics_token: SecretStr | None = None
 
 
 def environment() -> Mapping[str, str]:

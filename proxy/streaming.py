@@ -29,7 +29,7 @@ from proxy.call import Call
 from proxy.errors import ProxyError, UpstreamError
 from proxy.evidence import StreamEvidence
 from proxy.pipeline import Pipeline, UpstreamStream, ensure_id
-from proxy.protocol import SSE_DONE, SSE_KEEPALIVE, Kind, choices_of, sse
+from proxy.protocol import SSE_DONE, SSE_KEEPALIVE, Kind, choices_of, sse, trim_top_logprobs
 from proxy.rewrite import verdict_headers
 from proxy.verdict import Verdict
 
@@ -104,7 +104,11 @@ def completion_chunks(
 async def buffered(pipeline: Pipeline, call: Call) -> Stream:
     """Judge first, then stream. Errors before the first keep-alive keep their status."""
     task = asyncio.ensure_future(pipeline.complete(call))
-    done, _ = await asyncio.wait({task}, timeout=call.rule.keepalive_seconds)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=call.rule.keepalive_seconds)
+    except BaseException:
+        task.cancel()  # the client went away before the first keep-alive
+        raise
     if done:
         # Raises ProxyError here, so the client gets a proper status code.
         response, verdicts = task.result()
@@ -164,7 +168,7 @@ async def passthrough(pipeline: Pipeline, call: Call) -> Stream:
 
 async def _relay(pipeline: Pipeline, call: Call, upstream: UpstreamStream) -> AsyncIterator[bytes]:
     evidence = StreamEvidence(call.kind, keep_texts=call.rule.log_text or upstream.samples)
-    keep_logprobs = call.client_logprobs
+    keep_logprobs, top_k = call.client_logprobs, call.client_top_k
     ttfb: float | None = None
     last: dict[str, Any] = {}  # the latest chunk: its id and model go in the verdict chunk
     try:
@@ -174,6 +178,8 @@ async def _relay(pipeline: Pipeline, call: Call, upstream: UpstreamStream) -> As
                     evidence.add(choice)
                     if not keep_logprobs and choice.get("logprobs") is not None:
                         choice["logprobs"] = None
+                    elif top_k is not None:
+                        trim_top_logprobs(call.kind, choice.get("logprobs"), top_k)
             last = chunk
             yield sse(chunk)
             if ttfb is None:

@@ -16,38 +16,84 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 
+class MalformedLogprobs(ValueError):
+    """A choice's ``logprobs`` field is in neither OpenAI shape, or holds a non-logprob."""
+
+
+#: A logprob is at most 0. Servers round, so a hair above 0 is accepted (and read as 0);
+#: anything larger (800, +1.0 per token) is not a log probability at all.
+_SLACK = 1e-3
+
+
+def _logprob(value: Any) -> float:
+    # type() rather than isinstance(): a bool is an int, and True is no logprob.
+    if type(value) is not float and type(value) is not int:
+        raise MalformedLogprobs(f"a logprob must be a number, not {type(value).__name__}")
+    v = float(value)
+    if not v <= _SLACK:  # also false for NaN
+        raise MalformedLogprobs(f"{v!r} is not a log probability")
+    return min(v, 0.0)
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise MalformedLogprobs(f"{what} must be a list")
+    return value
+
+
 def _chat_tokens(logprobs: Mapping[str, Any]) -> tuple[list[float], list[list[float]]]:
-    content = logprobs.get("content") or []
     lps: list[float] = []
     tops: list[list[float]] = []
-    for tok in content:
+    for tok in _list(logprobs.get("content"), "logprobs.content"):
+        if not isinstance(tok, dict):
+            raise MalformedLogprobs("each logprobs.content entry must be an object")
         lp = tok.get("logprob")
         if lp is None:
             continue
-        lps.append(float(lp))
-        top = tok.get("top_logprobs")
+        lps.append(_logprob(lp))
+        top = _list(tok.get("top_logprobs"), "top_logprobs")
         if top:
-            tops.append([float(t["logprob"]) for t in top if t.get("logprob") is not None])
+            tops.append([_logprob(alt.get("logprob")) for alt in top if _alternative(alt)])
     return lps, tops
+
+
+def _alternative(alt: Any) -> bool:
+    if not isinstance(alt, dict):
+        raise MalformedLogprobs("each top_logprobs entry must be an object")
+    return alt.get("logprob") is not None
 
 
 def _completion_tokens(logprobs: Mapping[str, Any]) -> tuple[list[float], list[list[float]]]:
     # The first token of an echoed prompt has logprob None; skip Nones rather than fail.
-    lps = [float(x) for x in (logprobs.get("token_logprobs") or []) if x is not None]
-    tops: list[list[float]] = [
-        [float(v) for v in top.values() if v is not None]
-        for top in (logprobs.get("top_logprobs") or [])
-        if top
+    lps = [
+        _logprob(x)
+        for x in _list(logprobs.get("token_logprobs"), "token_logprobs")
+        if x is not None
     ]
+    tops: list[list[float]] = []
+    for top in _list(logprobs.get("top_logprobs"), "top_logprobs"):
+        if not top:
+            continue
+        if not isinstance(top, dict):
+            raise MalformedLogprobs("each top_logprobs entry must be an object")
+        tops.append([_logprob(v) for v in top.values() if v is not None])
     return lps, tops
 
 
 def token_logprobs(
     choice_logprobs: Mapping[str, Any] | None,
 ) -> tuple[list[float], list[list[float]]]:
-    """Return (token logprobs, top-k logprobs per token) from a choice's ``logprobs`` field."""
+    """Return (token logprobs, top-k logprobs per token) from a choice's ``logprobs`` field.
+
+    Raises :class:`MalformedLogprobs` when the field is not in either wire shape: a proxy
+    must not judge an answer on numbers it cannot read, nor crash on them.
+    """
     if not choice_logprobs:
         return [], []
+    if not isinstance(choice_logprobs, dict):
+        raise MalformedLogprobs("logprobs must be an object")
     if "content" in choice_logprobs:
         return _chat_tokens(choice_logprobs)
     return _completion_tokens(choice_logprobs)

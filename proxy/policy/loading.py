@@ -4,10 +4,27 @@
 :class:`PolicyError` listing *every* problem as ``file: key.path: message``.
 :class:`PolicyStore` holds the policy in force and swaps it atomically on reload; a
 broken new file is reported and the old policy keeps serving.
+
+Parsing is bounded, because a policy file is input that a reload reads while serving:
+
+* the file may be at most :data:`MAX_POLICY_BYTES` (1 MiB), and must be UTF-8;
+* nesting may be at most :data:`MAX_DEPTH` (64) collections deep, checked while the
+  YAML is composed, so a 100k-deep file is refused before Python's recursion limit;
+* YAML anchors and aliases are allowed (they are handy for sharing tenant settings),
+  but the document *as aliases expand it* may hold at most :data:`MAX_NODES` (200,000)
+  nodes and at most :data:`MAX_ALIASES` (10,000) aliases. A "billion laughs" alias bomb
+  is a few hundred composed nodes that expand to billions; it is refused after
+  composing, before anything (the constructor, pydantic) walks the expansion.
+  Recursive aliases (an anchor used inside itself) are refused too.
+
+A reload (:meth:`PolicyStore.reload` / :meth:`PolicyStore.reload_async`) never raises:
+every failure of any kind is logged, counted through ``on_reload("failure")``, and the
+old policy keeps serving. ``reload_async`` parses in a worker thread, off the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Callable
@@ -47,16 +64,115 @@ def _validation_problems(exc: ValidationError) -> list[str]:
     return problems
 
 
+#: Largest policy file read, in bytes.
+MAX_POLICY_BYTES = 1024 * 1024
+#: Deepest nesting of mappings and sequences.
+MAX_DEPTH = 64
+#: Most nodes in the document once aliases are expanded.
+MAX_NODES = 200_000
+#: Most alias uses (``*name``) in one document.
+MAX_ALIASES = 10_000
+
+
+class _TooComplex(yaml.YAMLError):
+    """The document exceeds a parsing bound; ``problem`` says which."""
+
+    def __init__(self, problem: str, mark: Any = None):
+        super().__init__(problem)
+        self.problem = problem
+        self.problem_mark = mark
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses deep nesting, many aliases and huge alias expansions."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+
+    def _mark(self) -> Any:
+        return self.peek_event().start_mark  # type: ignore[no-untyped-call]
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_ALIASES:
+                raise _TooComplex(f"more than {MAX_ALIASES} aliases", self._mark())
+            return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _TooComplex(f"nested more than {MAX_DEPTH} levels deep", self._mark())
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a document whose alias expansion is too large, too deep or recursive.
+
+    Walks the node graph once, memoizing each shared node's expanded (size, height),
+    so the cost is linear in the composed document, not in its expansion.
+    """
+    done: dict[int, tuple[int, int]] = {}
+    active: set[int] = set()
+
+    def visit(node: yaml.Node, depth: int) -> tuple[int, int]:
+        key = id(node)
+        if key in active:
+            raise _TooComplex("an alias refers to a node that contains it", node.start_mark)
+        if key not in done:
+            size, height = 1, 0
+            children: list[yaml.Node] = []
+            if isinstance(node, yaml.SequenceNode):
+                children = list(node.value)
+            elif isinstance(node, yaml.MappingNode):
+                children = [part for pair in node.value for part in pair]
+            active.add(key)
+            for child in children:
+                child_size, child_height = visit(child, depth + 1)
+                size += child_size
+                height = max(height, child_height + 1)
+                if size > MAX_NODES:
+                    raise _TooComplex(
+                        f"more than {MAX_NODES} values once aliases are expanded",
+                        node.start_mark,
+                    )
+            active.discard(key)
+            done[key] = (size, height)
+        size, height = done[key]
+        if depth + height > MAX_DEPTH:
+            raise _TooComplex(
+                f"nested more than {MAX_DEPTH} levels deep once aliases are expanded",
+                node.start_mark,
+            )
+        return size, height
+
+    visit(root, 0)
+
+
+def _load_yaml(text: str) -> Any:
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def parse_policy(text: str, path: str = "<string>", base_dir: Path | None = None) -> Policy:
     """Validate policy YAML text and compile it; raises :class:`PolicyError`."""
     try:
-        data = yaml.safe_load(text)
+        data = _load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise PolicyError(
-            path, [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]
-        ) from None
+        what = "refused" if isinstance(exc, _TooComplex) else "not valid YAML"
+        raise PolicyError(path, [f"{where}{what} ({getattr(exc, 'problem', exc)})"]) from None
     if not isinstance(data, dict):
         raise PolicyError(path, ["(top level): the policy must be a mapping"])
     try:
@@ -95,9 +211,20 @@ def load_policy(path: str | Path) -> Policy:
     """Read, validate and compile a policy file."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with open(p, "rb") as fh:
+            raw = fh.read(MAX_POLICY_BYTES + 1)
     except OSError as exc:
-        raise PolicyError(str(p), [f"cannot read file ({exc.strerror})"]) from None
+        raise PolicyError(str(p), [f"cannot read file ({exc.strerror or exc})"]) from None
+    if len(raw) > MAX_POLICY_BYTES:
+        raise PolicyError(
+            str(p), [f"the file is larger than the limit of {MAX_POLICY_BYTES} bytes"]
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PolicyError(
+            str(p), [f"not valid UTF-8 (byte offset {exc.start}: {exc.reason})"]
+        ) from None
     return parse_policy(text, str(p), p.resolve().parent)
 
 
@@ -134,26 +261,50 @@ class PolicyStore:
         self._stamp = _stamp(self.path)
         self.current: Policy = load_policy(self.path)
         self.last_error: str | None = None
+        self._lock: asyncio.Lock | None = None
         _log_warnings(self.current)
 
-    def reload(self) -> bool:
-        """Load the file again; keep the old policy if the new one is broken."""
+    def _attempt(self) -> tuple[_Stamp | None, Policy | None, str | None]:
+        """Read and compile the file; never raises. Safe to run in a worker thread."""
         stamp = _stamp(self.path)
         try:
-            policy = load_policy(self.path)
+            return stamp, load_policy(self.path), None
         except PolicyError as exc:
-            self._stamp = stamp
-            self.last_error = str(exc)
-            log.error("policy reload rejected, keeping the previous policy:\n%s", exc)
+            return stamp, None, str(exc)
+        except RecursionError:
+            return stamp, None, f"{self.path}: the policy is nested too deeply to read"
+        except Exception as exc:  # any failure at all must keep the old policy
+            log.exception("unexpected error while reading the policy %s", self.path)
+            return stamp, None, f"{self.path}: cannot load the policy ({type(exc).__name__})"
+
+    def _apply(self, stamp: _Stamp | None, policy: Policy | None, error: str | None) -> bool:
+        self._stamp = stamp
+        if policy is None:
+            self.last_error = error or f"{self.path}: cannot load the policy"
+            log.error("policy reload rejected, keeping the previous policy:\n%s", self.last_error)
             self._on_reload("failure")
             return False
-        self._stamp = stamp
         self.current = policy
         self.last_error = None
         _log_warnings(policy)
         log.info("policy reloaded from %s", self.path)
         self._on_reload("success")
         return True
+
+    def reload(self) -> bool:
+        """Load the file again; keep the old policy if the new one is broken. Never raises."""
+        return self._apply(*self._attempt())
+
+    async def reload_async(self) -> bool:
+        """:meth:`reload` with the reading and parsing done in a worker thread.
+
+        The result is applied (and ``on_reload`` called) on the event loop; concurrent
+        calls (the watcher and SIGHUP) are serialized.
+        """
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            return self._apply(*await asyncio.to_thread(self._attempt))
 
     def changed(self) -> bool:
         """Whether the file on disk differs from the one last read."""

@@ -65,6 +65,12 @@ class Rule:
     #: the logprob score, even when a calibration or the method reads another one
     logprob_score: str = "min_logprob"
     sampling: SamplingRule | None = None
+    # Limits, enforced by proxy.limits; None means unlimited.
+    max_n: int = 16
+    max_upstream_calls: int = 64
+    max_concurrent_requests: int | None = None
+    rate_limit_per_second: float | None = None
+    rate_limit_burst: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +225,12 @@ class Policy:
             consistency_score=merged["consistency_score"],
             logprob_score=merged["score"],
             sampling=sampling,
+            max_n=merged["max_n"],
+            max_upstream_calls=merged["max_upstream_calls"],
+            # 0 in the file lifts a limit an outer layer set: unlimited.
+            max_concurrent_requests=merged["max_concurrent_requests"] or None,
+            rate_limit_per_second=merged["rate_limit_per_second"] or None,
+            rate_limit_burst=merged["rate_limit_burst"],
         )
         self._rules[key] = rule
         return rule

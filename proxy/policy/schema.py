@@ -33,6 +33,36 @@ class Timeouts(_Strict):
     total: float = Field(300.0, gt=0)
 
 
+class Retries(_Strict):
+    """Retries of connect failures, resets, 429 and 502/503/504, with full-jitter backoff.
+
+    The wait before retry ``k`` (0-based) is uniform in
+    ``[0, min(backoff_max_seconds, backoff_base_seconds * 2**k)]``, or the upstream's
+    ``Retry-After`` when it sends one; no retry starts past the upstream's
+    ``timeouts.total`` or after a byte reached the client.
+    """
+
+    #: retries after the first attempt; 0 turns retrying off
+    max_retries: int = Field(2, ge=0, le=10)
+    backoff_base_seconds: float = Field(0.25, gt=0, le=60)
+    backoff_max_seconds: float = Field(2.0, gt=0, le=300)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Retries:
+        if self.backoff_max_seconds < self.backoff_base_seconds:
+            raise ValueError("backoff_max_seconds cannot be below backoff_base_seconds")
+        return self
+
+
+class CircuitBreaker(_Strict):
+    """Fail fast (503) after consecutive upstream failures, for a cool-down, then probe."""
+
+    #: consecutive failed attempts that open the breaker; 0 turns the breaker off
+    failure_threshold: int = Field(5, ge=0, le=10_000)
+    #: seconds the breaker stays open before one probe call is let through
+    cooldown_seconds: float = Field(30.0, ge=0, le=3600)
+
+
 class UpstreamConfig(_Strict):
     """One upstream: an OpenAI-compatible ``base_url`` or a litellm model string."""
 
@@ -45,6 +75,8 @@ class UpstreamConfig(_Strict):
     supports_n: bool = True
     timeouts: Timeouts = Timeouts()
     max_connections: int = Field(256, ge=1)
+    retries: Retries = Retries()
+    circuit_breaker: CircuitBreaker = CircuitBreaker()
 
     @model_validator(mode="after")
     def _one_target(self) -> UpstreamConfig:
@@ -101,6 +133,17 @@ class RuleFields(_Strict):
     #: or answer, abstain (the rule's action) or fail with 502
     on_sampling_error: SamplingFallback | None = None
 
+    # Limits (proxy.limits). Per request: the client's n, and the upstream calls one
+    # request makes (the answer, fanned out when the upstream ignores n, plus samples).
+    max_n: int | None = Field(None, ge=1, le=128)
+    max_upstream_calls: int | None = Field(None, ge=1, le=1024)
+    #: per tenant: requests in flight at once; 0 in the file means unlimited
+    max_concurrent_requests: int | None = Field(None, ge=0, le=1_000_000)
+    #: per tenant: a token bucket refilling at this rate; 0 in the file means unlimited
+    rate_limit_per_second: float | None = Field(None, ge=0.0, le=1_000_000.0)
+    #: the bucket's size; unset: one second's worth of the rate (at least 1)
+    rate_limit_burst: int | None = Field(None, ge=1, le=1_000_000)
+
     @model_validator(mode="after")
     def _known_score(self) -> RuleFields:
         if self.score is not None and self.score not in LOGPROB_SCORES:
@@ -145,6 +188,8 @@ class Defaults(RuleFields):
     embedding_threshold: float | None = Field(0.8, ge=-1.0, le=1.0)
     show: Literal["requested", "majority"] | None = "requested"
     on_sampling_error: SamplingFallback | None = "fallback"
+    max_n: int | None = Field(16, ge=1, le=128)
+    max_upstream_calls: int | None = Field(64, ge=1, le=1024)
 
 
 class ModelRoute(RuleFields):

@@ -5,6 +5,7 @@ that this module imports no upstream and no upstream imports the factory."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from proxy.errors import UpstreamError
@@ -36,6 +37,23 @@ def api_key_from_env(config: UpstreamConfig, env: Mapping[str, str]) -> str | No
     in that upstream's place.
     """
     return env.get(config.api_key_env) or None if config.api_key_env else None
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseCaps:
+    """How much of an upstream answer the proxy will hold (process settings).
+
+    Counted after decompression, so a small gzip that expands to hundreds of MiB is
+    refused as it expands, not after.
+    """
+
+    #: bytes of one non-streamed answer
+    max_response_bytes: int = 32 * 1024 * 1024
+    #: bytes of one line of a streamed answer (one SSE event)
+    max_line_bytes: int = 1024 * 1024
+
+
+DEFAULT_CAPS = ResponseCaps()
 
 
 class UnconfiguredUpstream:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import re
 from collections.abc import AsyncIterator, Mapping
 from types import ModuleType
 from typing import Any
@@ -23,11 +24,49 @@ from proxy.errors import (
 )
 from proxy.policy.schema import UpstreamConfig
 from proxy.protocol import Kind
+from proxy.redaction import Redactor
 from proxy.settings import quiet_litellm
 from proxy.upstream.base import api_key_from_env
 
-#: Fields the proxy owns; everything else the client sent is passed to litellm.
-_OWNED = {"model", "stream", "api_key", "api_base", "base_url"}
+#: The OpenAI request fields a client may pass to litellm; nothing else reaches it.
+#: litellm also reads where, how often and with which key to call from its keyword
+#: arguments (``fallbacks`` with another ``api_base``, ``max_retries``, ``api_key``,
+#: ``mock_response``, ``metadata`` for callbacks, ...): those come from the policy's
+#: ``litellm_params`` alone, so a client cannot send the upstream key elsewhere.
+_COMMON_FIELDS = frozenset(
+    {
+        "frequency_penalty",
+        "logit_bias",
+        "logprobs",
+        "max_tokens",
+        "n",
+        "presence_penalty",
+        "seed",
+        "stop",
+        "stream_options",
+        "temperature",
+        "top_p",
+        "user",
+    }
+)
+_FIELDS: dict[Kind, frozenset[str]] = {
+    "chat": _COMMON_FIELDS
+    | {
+        "messages",
+        "max_completion_tokens",
+        "parallel_tool_calls",
+        "reasoning_effort",
+        "response_format",
+        "tool_choice",
+        "tools",
+        "top_logprobs",
+    },
+    "completions": _COMMON_FIELDS | {"prompt", "best_of", "echo", "suffix"},
+}
+
+
+#: "litellm.BadRequestError: OpenAIException - " and the like, before the upstream's text.
+_LITELLM_PREFIX = re.compile(r"^(?:litellm\.\w+:\s*)?(?:\w+Exception\s*-\s*)?")
 
 
 def _load_litellm() -> ModuleType:
@@ -64,7 +103,11 @@ class LiteLLMUpstream:
         self._params = dict(config.litellm_params)
         self._total = config.timeouts.total
         self._params["timeout"] = config.timeouts.read
+        # The proxy retries (proxy.upstream.resilience, the policy's ``retries``); the
+        # OpenAI client under litellm would retry twice more on each of those attempts.
+        self._params.setdefault("max_retries", 0)
         key = api_key_from_env(config, env)
+        self._redact = Redactor([key])
         if key:
             self._params["api_key"] = key
 
@@ -74,11 +117,17 @@ class LiteLLMUpstream:
             return upstream_model
         return f"{self._prefix.rstrip('/')}/{upstream_model}"
 
-    def _args(self, body: dict[str, Any]) -> dict[str, Any]:
-        args = {k: v for k, v in body.items() if k not in _OWNED}
+    def _args(self, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
+        allowed = _FIELDS[kind]
+        args = {k: v for k, v in body.items() if k in allowed}
         args.update(self._params)
         args["model"] = self._model(str(body.get("model", "")))
         return args
+
+    def _message(self, exc: Exception) -> str:
+        """The upstream's own words in a litellm error: no litellm prefix, no secret."""
+        message = _LITELLM_PREFIX.sub("", str(getattr(exc, "message", "") or ""))
+        return self._redact(message)
 
     def _error(self, exc: Exception) -> UpstreamError:
         """The proxy's error for one of litellm's, by the same status classes as HTTP."""
@@ -86,12 +135,12 @@ class LiteLLMUpstream:
         if isinstance(exc, asyncio.TimeoutError | lt.Timeout):
             return UpstreamTimeout()
         if isinstance(exc, lt.BadRequestError):
-            return upstream_status_error(400, str(getattr(exc, "message", "")))
+            return upstream_status_error(400, self._message(exc))
         if isinstance(exc, lt.APIConnectionError):
             return UpstreamUnreachable()
         status = getattr(exc, "status_code", None)
         if isinstance(status, int) and status in (400, 422, 429):
-            return upstream_status_error(status, str(getattr(exc, "message", "")))
+            return upstream_status_error(status, self._message(exc))
         kind = f"status_{status}" if isinstance(status, int) else "error"
         return UpstreamError("The upstream model failed.", kind=kind, upstream_status=status)
 
@@ -99,7 +148,7 @@ class LiteLLMUpstream:
         call = self._litellm.acompletion if kind == "chat" else self._litellm.atext_completion
         try:
             async with asyncio.timeout(self._total):
-                result = await call(**self._args(body))
+                result = await call(**self._args(kind, body))
         except ProxyError:
             raise
         except Exception as exc:  # litellm raises its own tree; map it, never leak it
@@ -109,7 +158,7 @@ class LiteLLMUpstream:
     async def stream(self, kind: Kind, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         call = self._litellm.acompletion if kind == "chat" else self._litellm.atext_completion
         try:
-            chunks = await call(**self._args(body), stream=True)
+            chunks = await call(**self._args(kind, body), stream=True)
             async for chunk in chunks:
                 yield _as_dict(chunk)
         except ProxyError:

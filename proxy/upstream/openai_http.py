@@ -18,8 +18,9 @@ from proxy.errors import (
     upstream_status_error,
 )
 from proxy.policy.schema import UpstreamConfig
-from proxy.protocol import Kind
-from proxy.upstream.base import api_key_from_env
+from proxy.protocol import Kind, request_json
+from proxy.redaction import Redactor
+from proxy.upstream.base import DEFAULT_CAPS, ResponseCaps, api_key_from_env
 
 _PATHS: dict[Kind, str] = {"chat": "/chat/completions", "completions": "/completions"}
 
@@ -39,7 +40,7 @@ def _timeout_or_connect(exc: httpx.TransportError) -> UpstreamError:
     return UpstreamUnreachable()
 
 
-def _status_error(status: int, raw: bytes) -> UpstreamError:
+def _status_error(status: int, raw: bytes, headers: httpx.Headers | None = None) -> UpstreamError:
     message = ""
     try:
         data = orjson.loads(raw)
@@ -47,14 +48,29 @@ def _status_error(status: int, raw: bytes) -> UpstreamError:
         message = str(err.get("message", "")) if isinstance(err, dict) else str(err or "")
     except orjson.JSONDecodeError:
         pass
-    return upstream_status_error(status, message)
+    error = upstream_status_error(status, message)
+    # Only the seconds form of Retry-After; an HTTP date (rare from model APIs) is ignored.
+    after = headers.get("retry-after") if headers is not None else None
+    try:
+        seconds = float(after) if after is not None else -1.0
+    except ValueError:
+        seconds = -1.0
+    if 0 <= seconds < float("inf"):
+        error.retry_after = seconds
+    return error
 
 
 class OpenAIHTTPUpstream:
     """Speaks the OpenAI wire format to ``base_url``."""
 
     def __init__(
-        self, name: str, config: UpstreamConfig, client: httpx.AsyncClient, env: Mapping[str, str]
+        self,
+        name: str,
+        config: UpstreamConfig,
+        client: httpx.AsyncClient,
+        env: Mapping[str, str],
+        *,
+        caps: ResponseCaps = DEFAULT_CAPS,
     ) -> None:
         assert config.base_url is not None
         self.name = name
@@ -63,6 +79,7 @@ class OpenAIHTTPUpstream:
         # Parsed once: httpx would otherwise re-parse the URL string on every request.
         self._urls = {kind: httpx.URL(base + path) for kind, path in _PATHS.items()}
         self._client = client
+        self._caps = caps
         self._total = config.timeouts.total
         self._timeout = httpx.Timeout(
             connect=config.timeouts.connect,
@@ -72,6 +89,8 @@ class OpenAIHTTPUpstream:
         )
         self._headers = {"content-type": "application/json"}
         key = api_key_from_env(config, env)
+        # An upstream may echo its key back (in an error, or in a broken answer).
+        self._redact = Redactor([key])
         if key:
             self._headers["authorization"] = f"Bearer {key}"
 
@@ -79,7 +98,7 @@ class OpenAIHTTPUpstream:
         return self._client.build_request(
             "POST",
             self._urls[kind],
-            content=orjson.dumps(body),
+            content=request_json(body),
             headers=self._headers,
             timeout=self._timeout,
         )
@@ -87,14 +106,17 @@ class OpenAIHTTPUpstream:
     async def complete(self, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
         try:
             async with asyncio.timeout(self._total):
-                response = await self._client.send(self._request(kind, body))
-                raw = await response.aread()
+                response = await self._client.send(self._request(kind, body), stream=True)
+                try:
+                    raw = self._redact.bytes(await self._read_capped(response))
+                finally:
+                    await response.aclose()
         except TimeoutError:
             raise UpstreamTimeout() from None
         except httpx.TransportError as exc:
             raise _timeout_or_connect(exc) from None
         if response.status_code >= 400:
-            raise _status_error(response.status_code, raw)
+            raise _status_error(response.status_code, raw, response.headers)
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -103,9 +125,25 @@ class OpenAIHTTPUpstream:
             raise UpstreamMalformed("The upstream answer is not a JSON object.")
         return data
 
+    async def _read_capped(self, response: httpx.Response) -> bytes:
+        """The decoded body, refused past ``max_response_bytes``: never held whole first."""
+        limit = self._caps.max_response_bytes
+        parts: list[bytes] = []
+        size = 0
+        async for part in response.aiter_bytes():
+            size += len(part)
+            if size > limit:
+                raise UpstreamError(
+                    f"The upstream answer exceeds the limit of {limit} bytes.", kind="too_large"
+                )
+            parts.append(part)
+        return b"".join(parts)
+
     async def stream(self, kind: Kind, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        # A deadline, not asyncio.timeout(): the first chunk is awaited in the request
-        # handler and the rest in the response task, and a timeout scope must not span both.
+        # A deadline, not one asyncio.timeout() around the whole stream: the first chunk
+        # is awaited in the request handler and the rest in the response task, and a
+        # timeout scope must not span both. Each read is bounded by what is left of it,
+        # so a byte every half second (or a line that never ends) cannot outlive it.
         deadline = time.monotonic() + self._total
         body = {**body, "stream": True}
         try:
@@ -114,20 +152,67 @@ class OpenAIHTTPUpstream:
             raise _timeout_or_connect(exc) from None
         try:
             if response.status_code >= 400:
-                raise _status_error(response.status_code, await response.aread())
-            async for line in response.aiter_lines():
-                if time.monotonic() > deadline:
-                    raise UpstreamTimeout()
+                raw = self._redact.bytes(await self._read_capped(response))
+                raise _status_error(response.status_code, raw, response.headers)
+            _check_event_stream(response)
+            async for line in _lines(response, deadline, self._caps.max_line_bytes):
                 if not line.startswith("data:"):
                     continue  # comments, event names, blank separators
-                payload = line[5:].strip()
+                payload = self._redact.known(line[5:].strip())
                 if payload == "[DONE]":
                     return
                 yield _chunk(payload)
+            # Without [DONE] the answer may be cut short: relaying it as whole would
+            # judge (and show) half an answer as if it were all of it.
+            raise UpstreamMalformed("The upstream stream ended before [DONE].")
         except httpx.TransportError as exc:
             raise _timeout_or_connect(exc) from None
         finally:
             await response.aclose()
+
+
+async def _lines(response: httpx.Response, deadline: float, limit: int) -> AsyncIterator[str]:
+    """The stream's lines, each read within the deadline and at most ``limit`` bytes."""
+    chunks = response.aiter_bytes().__aiter__()
+    pending = b""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise UpstreamTimeout()
+        try:
+            async with asyncio.timeout(remaining):
+                data = await anext(chunks)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise UpstreamTimeout() from None
+        pending += data
+        *complete, pending = pending.split(b"\n")
+        for line in complete:
+            yield line.rstrip(b"\r").decode("utf-8", "replace")
+        if len(pending) > limit:
+            raise UpstreamError(
+                f"The upstream stream carried a line over the limit of {limit} bytes.",
+                kind="too_large",
+            )
+    if pending:
+        yield pending.rstrip(b"\r").decode("utf-8", "replace")
+
+
+def _check_event_stream(response: httpx.Response) -> None:
+    """A stream request must be answered 2xx with server-sent events, nothing else.
+
+    A redirect (3xx: the proxy never follows one to another host), a JSON or HTML page,
+    would otherwise pass as a stream that carries no chunk: a 200 with no answer.
+    """
+    if not 200 <= response.status_code < 300:
+        raise UpstreamMalformed(
+            f"The upstream answered a stream request with status {response.status_code}."
+        )
+    content_type = response.headers.get("content-type", "")
+    if not content_type.lower().startswith("text/event-stream"):
+        shown = content_type.split(";")[0][:60] or "no content type"
+        raise UpstreamMalformed(f"The upstream answered a stream request with {shown}.")
 
 
 def _chunk(payload: str) -> dict[str, Any]:

@@ -271,8 +271,9 @@ def test_kubernetes_base_renders_a_consistent_deployment(tmp_path: Path) -> None
 
     # Graceful shutdown: preStop, then uvicorn's drain, both within the grace period.
     from proxy.cli import _uvicorn_config
+    from proxy.settings import Settings
 
-    drain = _uvicorn_config("proxy.multiprocess:app_from_environment", "h", 1, "info")
+    drain = _uvicorn_config("proxy.multiprocess:app_from_environment", Settings())
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
     grace = pod["spec"]["terminationGracePeriodSeconds"]

@@ -137,3 +137,61 @@ def test_unwritable_log_is_counted_and_serving_goes_on(
     )
     assert r.status_code == 200
     assert records(tmp_path / "missing-dir" / "decisions.jsonl")[0]["type"] == "feedback"
+
+
+def test_repeated_feedback_is_recorded_once(
+    make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    log = tmp_path / "decisions.jsonl"
+    client = make_client(decision_log=log)
+    body = ask(client, "sure")
+    bin_ = f"{int(body['abstention']['confidence'] * 10) / 10:.1f}"
+    fb = {"id": body["id"], "correct": True}
+    first = client.post("/v1/feedback", json=fb, headers=auth("clinic"))
+    again = client.post("/v1/feedback", json=fb, headers=auth("clinic"))
+    assert first.json()["recorded"] is True and "duplicate" not in first.json()
+    assert again.status_code == 200
+    assert again.json() == {
+        "id": body["id"],
+        "choice": 0,
+        "correct": True,
+        "recorded": False,
+        "duplicate": True,
+        "bin": bin_,
+    }
+    assert value(client, "abstain_feedback_total", tenant="clinic", model="sure",
+                 bin=bin_, correct="true") == 1  # fmt: skip
+    assert [r["type"] for r in records(log)] == ["decision", "feedback"]
+
+
+def test_contradicting_feedback_is_a_conflict_and_the_first_word_stands(
+    make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    log = tmp_path / "decisions.jsonl"
+    client = make_client(decision_log=log)
+    body = ask(client, "sure")
+    bin_ = f"{int(body['abstention']['confidence'] * 10) / 10:.1f}"
+    client.post("/v1/feedback", json={"id": body["id"], "correct": True}, headers=auth("clinic"))
+    r = client.post(
+        "/v1/feedback", json={"id": body["id"], "correct": False}, headers=auth("clinic")
+    )
+    assert r.status_code == 409
+    error = r.json()["error"]
+    assert error["code"] == "feedback_conflict"
+    assert error["param"] == "correct"
+    assert "first feedback stands" in error["message"]
+    for correct, expected in (("true", 1), ("false", 0)):
+        assert value(client, "abstain_feedback_total", tenant="clinic", model="sure",
+                     bin=bin_, correct=correct) == expected  # fmt: skip
+    assert [(r["type"], r.get("correct")) for r in records(log)] == [
+        ("decision", None),
+        ("feedback", True),
+    ]
+
+
+def test_feedback_is_per_choice(client: TestClient) -> None:
+    body = ask(client, "sure", n=2)
+    for choice in (0, 1):
+        r = client.post("/v1/feedback", json={"id": body["id"], "correct": True,
+                        "choice": choice}, headers=auth("clinic"))  # fmt: skip
+        assert r.json()["recorded"] is True, choice

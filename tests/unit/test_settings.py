@@ -23,6 +23,14 @@ def test_unknown_or_invalid_settings_are_refused(monkeypatch: pytest.MonkeyPatch
 
 
 def test_the_drain_time_reaches_uvicorn() -> None:
-    config = _uvicorn_config(object(), "127.0.0.1", 0, "info", 7)
+    config = _uvicorn_config(object(), Settings(graceful_shutdown_seconds=7))
     assert config.timeout_graceful_shutdown == 7
     assert config.access_log is False  # request lines could carry tenant traffic details
+
+
+def test_client_bounds_reach_uvicorn() -> None:
+    settings = Settings(client_header_timeout_seconds=3, max_connections=50)
+    config = _uvicorn_config(object(), settings)
+    assert config.limit_concurrency == 50
+    assert config.client_header_timeout == 3
+    assert getattr(config.http, "__name__", "") == "HeaderTimeoutProtocol"
