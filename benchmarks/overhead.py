@@ -9,13 +9,19 @@ measures, interleaving direct and proxied requests so that machine drift hits bo
 * added time to first byte for ``stream: true`` in pass-through mode,
 * the proxy's resident memory when idle, and from process start to first answer.
 
-Run:  .venv/bin/python benchmarks/overhead.py [--rounds 5] [--requests 400]
+``--redis`` also starts a loopback ``redis-server`` and measures, beside the in-memory
+proxy, one with ``ABSTAIN_REDIS_URL`` set (both with generous tenant limits, so that the
+shared limiter runs its script on every request and the feedback memory writes each
+response to Redis).
+
+Run:  .venv/bin/python benchmarks/overhead.py [--rounds 5] [--requests 400] [--redis]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import statistics
 import subprocess
@@ -41,7 +47,7 @@ upstreams:
   fake: {{base_url: "http://127.0.0.1:{port}/v1"}}
 models:
   sure: {{upstream: fake}}
-defaults: {{threshold: 0.5, method: logprobs, score: min_logprob, streaming: passthrough}}
+defaults: {{threshold: 0.5, method: logprobs, score: min_logprob, streaming: passthrough{limits}}}
 auth: {{unknown_keys: default, default_tenant: bench}}
 tenants: {{bench: {{}}}}
 """
@@ -124,15 +130,38 @@ async def throughput(url: str, concurrency: int, seconds: float) -> float:
         return done / (time.perf_counter() - t0)
 
 
-def start(args: list[str], cwd: Path = ROOT) -> subprocess.Popen[bytes]:
+#: Limits no run reaches, so that --redis exercises the shared limiter on every request.
+LIMITS = ", max_concurrent_requests: 100000, rate_limit_per_second: 1000000"
+
+
+def start(
+    args: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     # ``-m`` puts the working directory first on sys.path: run from a baseline checkout,
     # its own ``proxy`` package is the one imported.
     return subprocess.Popen([sys.executable, *args], cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT)  # fmt: skip
+                            stderr=subprocess.STDOUT,
+                            env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def start_redis() -> tuple[subprocess.Popen[bytes], str]:
+    """A loopback redis-server without persistence, and its URL."""
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)  # fmt: skip
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, f"redis://127.0.0.1:{port}/0"
+        time.sleep(0.02)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
 
 
 def first_answer_seconds(
-    policy: Path, cwd: Path = ROOT
+    policy: Path, cwd: Path = ROOT, env: dict[str, str] | None = None
 ) -> tuple[float, subprocess.Popen[bytes], int]:
     """Seconds from spawning ``abstain serve`` to its first successful completion."""
     import urllib.request
@@ -140,7 +169,7 @@ def first_answer_seconds(
     port = free_port()
     t0 = time.perf_counter()
     proc = start(["-m", "proxy.cli", "serve", "--policy", str(policy), "--port", str(port),
-                  "--log-level", "warning"], cwd)  # fmt: skip
+                  "--log-level", "warning"], cwd, env)  # fmt: skip
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     data = __import__("json").dumps(BODY).encode()
     while True:
@@ -167,28 +196,41 @@ def main() -> None:
         help="another checkout (e.g. `git worktree add /tmp/before HEAD~1`) whose proxy is "
         "measured in the same run, interleaved, as 'before'",
     )
+    ap.add_argument(
+        "--redis",
+        action="store_true",
+        help="also measure this checkout with ABSTAIN_REDIS_URL set (starts a loopback "
+        "redis-server), beside the in-memory proxy",
+    )
     args = ap.parse_args()
 
     up_port = free_port()
     upstream = start(["-m", "tests.fake_server", "--port", str(up_port)])
     tmp = Path(tempfile.mkdtemp())
     policy = tmp / "policy.yaml"
-    policy.write_text(POLICY.format(port=up_port))
-    # (label, checkout); the current checkout always comes last.
-    proxies = [("before", args.baseline.resolve())] if args.baseline else []
-    proxies.append(("this checkout" if args.baseline else "through proxy", ROOT))
+    policy.write_text(POLICY.format(port=up_port, limits=LIMITS if args.redis else ""))
+    # (label, checkout, environment); the current checkout comes after the baseline.
+    proxies: list[tuple[str, Path, dict[str, str]]] = []
+    if args.baseline:
+        proxies.append(("before", args.baseline.resolve(), {}))
+    proxies.append(("this checkout" if args.baseline else "through proxy", ROOT, {}))
     procs: list[subprocess.Popen[bytes]] = []
+    if args.redis:
+        redis_proc, redis_url = start_redis()
+        procs.append(redis_proc)
+        proxies.append(("with Redis", ROOT, {"ABSTAIN_REDIS_URL": redis_url}))
     try:
         wait_ready(f"http://127.0.0.1:{up_port}/v1", upstream, timeout=30)
         urls = [f"http://127.0.0.1:{up_port}/v1/chat/completions"]
         startups, idle = [], []
-        for _label, checkout in proxies:
-            startup, proc, port = first_answer_seconds(policy, checkout)
+        for _label, checkout, env in proxies:
+            startup, proc, port = first_answer_seconds(policy, checkout, env)
             procs.append(proc)
             startups.append(startup)
             urls.append(f"http://127.0.0.1:{port}/v1/chat/completions")
         time.sleep(1.0)
-        idle = [rss_mib(p.pid) for p in procs]
+        proxy_procs = procs[1:] if args.redis else procs
+        idle = [rss_mib(p.pid) for p in proxy_procs]
 
         lat: list[list[float]] = [[] for _ in urls]
         first: list[list[float]] = [[] for _ in urls]
@@ -203,7 +245,7 @@ def main() -> None:
             for k in range(len(urls)):
                 i = (k + r) % len(urls)
                 rps[i].append(asyncio.run(throughput(urls[i], args.concurrency, args.seconds)))
-        busy = [rss_mib(p.pid) for p in procs]
+        busy = [rss_mib(p.pid) for p in proxy_procs]
     finally:
         for proc in (*procs, upstream):
             proc.terminate()
@@ -216,7 +258,7 @@ def main() -> None:
 
     print(f"rounds={args.rounds} sequential requests/round={args.requests} "
           f"concurrency={args.concurrency} throughput run={args.seconds}s")  # fmt: skip
-    labels = [label for label, _ in proxies]
+    labels = [label for label, _, _ in proxies]
     row("measure", "direct", *labels, *(f"added / ratio, {label}" for label in labels))
     row(*["---"] * (2 + 2 * len(labels)))
     for name, q in (("latency p50 (c=1)", 0.5), ("latency p99 (c=1)", 0.99)):

@@ -11,7 +11,6 @@ client goes away before its answer is ready.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -26,7 +25,7 @@ from proxy.errors import (
     RequestTimeout,
     Unauthorized,
 )
-from proxy.limits import Limiter, MemoryLimiter, Refusal, check_request
+from proxy.limits import Lease, Limiter, MemoryLimiter, Refusal, check_request
 from proxy.metrics import Metrics
 from proxy.policy.loading import PolicyStore
 from proxy.policy.rules import Policy, Route, Rule
@@ -72,12 +71,13 @@ def limiter_of(request: Request) -> Limiter:
     return limiter
 
 
-def admit(
+async def admit(
     request: Request, policy: Policy, route: Route, rule: Rule, body: dict[str, Any]
 ) -> Callable[[], None]:
     """Check the request's cost (400), then take a tenant lease (429); returns its release.
 
-    Cost first: a request that can never be admitted should not spend a rate token.
+    Cost first: a request that can never be admitted should not spend a rate token. A
+    shared limiter (Redis) is awaited, within its deadline; the in-memory one is not.
     """
     metrics: Metrics = request.app.state.metrics
     tenant = rule.tenant
@@ -87,7 +87,12 @@ def admit(
     if too_costly is not None:
         metrics.limited.labels(tenant, too_costly.limit).inc()
         raise BadRequest(too_costly.message, param=too_costly.param)
-    got = limiter_of(request).acquire(tenant, rule, time.monotonic())
+    limiter = limiter_of(request)
+    acquire_async = getattr(limiter, "acquire_async", None)  # a SharedLimiter
+    if acquire_async is not None:
+        got: Lease | Refusal = await acquire_async(tenant, rule, time.monotonic())
+    else:
+        got = limiter.acquire(tenant, rule, time.monotonic())
     if isinstance(got, Refusal):
         metrics.limited.labels(tenant, got.limit).inc()
         raise RateLimited(got.message, retry_after=got.retry_after)
@@ -153,26 +158,44 @@ async def read_body_in_time(request: Request, limit: int, seconds: float) -> byt
         raise RequestTimeout(f"The request body was not received within {seconds:g} s.") from None
 
 
-async def _disconnected(request: Request) -> None:
+#: Work shorter than this is not watched: a watcher costs a task per request, and a
+#: client that leaves within it costs at most this much upstream time.
+WATCH_AFTER_SECONDS = 0.25
+
+
+async def _cancel_on_disconnect(
+    request: Request, task: asyncio.Task[Any], gone: list[bool]
+) -> None:
     # Once the body is read, the next message the server sends is the disconnect.
     while (await request.receive())["type"] != "http.disconnect":
         pass
+    gone.append(True)
+    task.cancel()
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """``work``'s result, or 499 once the client has gone: the work is then cancelled,
     so an abandoned request stops paying for upstream calls (nginx closes the upstream
-    too)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    too). The watch starts only when the work outlasts :data:`WATCH_AFTER_SECONDS`."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    gone: list[bool] = []
+    watcher: list[asyncio.Task[None]] = []
+
+    def watch() -> None:
+        watcher.append(loop.create_task(_cancel_on_disconnect(request, task, gone)))
+
+    timer = loop.call_later(WATCH_AFTER_SECONDS, watch)
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if gone:
+            # Our own cancellation, now answered: the task must not stay marked cancelled.
+            task.uncancel()
+            raise ClientClosedRequest("The client closed the request.") from None
+        raise
     finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-    if task.cancelled():
-        raise ClientClosedRequest("The client closed the request.")
-    return task.result()
+        timer.cancel()
+        for w in watcher:
+            w.cancel()

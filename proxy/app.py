@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator, Mapping
+from typing import TYPE_CHECKING
 
 import httpx
 from fastapi import FastAPI
@@ -23,14 +24,21 @@ from starlette.responses import JSONResponse, Response
 
 from proxy.decision_log import DecisionLog
 from proxy.errors import BadRequest, MethodNotAllowed, NotFound, ProxyError
+from proxy.limits import Limiter
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
 from proxy.policy.loading import PolicyStore
+from proxy.recalibration_store import OnlineRecalibration
+from proxy.recalibration_store import store_for as recalibration_store
 from proxy.recording import Recorder
 from proxy.routes import router
 from proxy.settings import Settings, environment
+from proxy.shared_state.memory import FeedbackMemory
 from proxy.upstream.base import ResponseCaps
 from proxy.upstream.pool import UpstreamPool
+
+if TYPE_CHECKING:
+    from proxy.shared_state.redis_state import RedisState
 
 log = logging.getLogger("abstain")
 
@@ -91,16 +99,23 @@ def create_app(
     upstreams: UpstreamPool | None = None
     store = PolicyStore(settings.policy, on_reload=on_reload)
     metrics.policy_loaded.set(1)
+    shared, feedback_memory, limiter = _shared_state(settings, metrics)
     decisions = DecisionLog(
         settings.decision_log,
         memory=settings.feedback_memory,
         on_error=metrics.decision_log_errors.inc,  # called with the records lost
+        feedback_memory=feedback_memory,
     )
     recorder = Recorder(metrics, decisions)
+    recalibration = OnlineRecalibration(
+        recalibration_store(settings), metrics, memory=settings.feedback_memory
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal upstreams
+        if shared is not None:
+            await shared.start()  # the Redis client belongs to this loop
         client = _http_client(settings, transport)
         caps = ResponseCaps(
             max_response_bytes=settings.max_upstream_response_bytes,
@@ -109,7 +124,7 @@ def create_app(
         upstreams = UpstreamPool(client, env, metrics, caps)
         upstreams.rebuild(store.current.spec.upstreams)
         app.state.upstreams = upstreams
-        app.state.pipeline = Pipeline(upstreams, recorder)
+        app.state.pipeline = Pipeline(upstreams, recorder, recalibration=recalibration)
         loop = asyncio.get_running_loop()
         watcher = None
         if settings.reload_interval_seconds > 0:
@@ -134,6 +149,9 @@ def create_app(
             for task in list(sighup_reloads):
                 task.cancel()
             await client.aclose()
+            await recalibration.aclose()
+            if shared is not None:
+                await shared.close()
             decisions.close()
 
     app = FastAPI(
@@ -149,13 +167,39 @@ def create_app(
     app.state.metrics = metrics
     app.state.store = store
     app.state.decisions = decisions
+    if limiter is not None:
+        app.state.limiter = limiter
+    app.state.shared_state = shared
     app.state.recorder = recorder
+    app.state.recalibration = recalibration
     app.include_router(router)
     app.add_exception_handler(ProxyError, _proxy_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
     return app
+
+
+def _shared_state(
+    settings: Settings, metrics: Metrics
+) -> tuple[RedisState | None, FeedbackMemory | None, Limiter | None]:
+    """With ``ABSTAIN_REDIS_URL``: the Redis client, feedback memory and limiter every pod
+    shares. Without: nothing (the in-memory defaults), and Redis is not even imported."""
+    if settings.redis_url is None:
+        return None, None, None
+    from proxy.shared_state.redis_limiter import RedisLimiter
+    from proxy.shared_state.redis_memory import RedisFeedbackMemory
+    from proxy.shared_state.redis_state import RedisState
+
+    shared = RedisState(
+        settings.redis_url.get_secret_value(),
+        metrics=metrics,
+        timeout=settings.redis_timeout_seconds,
+        retry_seconds=settings.redis_retry_seconds,
+        prefix=settings.redis_key_prefix,
+    )
+    memory = RedisFeedbackMemory(shared, ttl_seconds=settings.feedback_ttl_seconds)
+    return shared, memory, RedisLimiter(shared, lease_seconds=settings.redis_lease_seconds)
 
 
 async def _proxy_error(_request: Request, exc: Exception) -> Response:

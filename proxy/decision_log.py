@@ -7,8 +7,9 @@ appends a :class:`~proxy.decision_records.FeedbackRecord`; the format is defined
 (id, choice) to refit from production. Prompt and answer text are logged only when the
 tenant's rule says ``log_text: true``.
 
-Recent verdicts are also kept in memory (bounded) so feedback can be binned by the
-confidence the proxy predicted; that index is per process, like the metrics.
+Recent verdicts are also remembered so feedback can be binned by the confidence the
+proxy predicted: by a :class:`~proxy.shared_state.FeedbackMemory`, in this process
+(bounded, the default) or in Redis (a TTL, shared by every pod).
 A log that cannot be written is reported and counted, and serving goes on.
 
 The log file is watched like :class:`logging.handlers.WatchedFileHandler` does: before
@@ -20,9 +21,10 @@ logged at most once a minute; writing resumes by itself once the path is writabl
 The path ``-`` writes the JSON Lines to standard output instead (for container
 platforms that collect stdout).
 
-Feedback is idempotent per (id, choice): :meth:`DecisionLog.previous_feedback` tells
-what was already said, and it is remembered with the response, so it is bounded by
-``memory`` too.
+Feedback is idempotent per (id, choice): the memory's ``claim_feedback`` tells a first
+word from a repeat, and it is remembered with the response, so it is bounded by
+``memory`` too. :meth:`DecisionLog.lookup` and :meth:`DecisionLog.previous_feedback`
+read the in-process memory only.
 """
 
 from __future__ import annotations
@@ -32,32 +34,22 @@ import logging
 import os
 import sys
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import orjson
 
 from proxy.decision_records import DecisionRecord, FeedbackRecord, now
+from proxy.shared_state.memory import FeedbackMemory, InMemoryFeedbackMemory, Remembered
 from proxy.verdict import Verdict
+
+__all__ = ["DecisionLog", "Remembered"]
 
 log = logging.getLogger("abstain.decisions")
 
 #: Seconds between two log lines about the same unwritable path.
 _ERROR_LOG_INTERVAL = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class Remembered:
-    """What feedback needs to know about a past response."""
-
-    tenant: str
-    model: str
-    confidences: tuple[float | None, ...]
-    #: the feedback already recorded, by choice (``correct`` as given)
-    feedback: dict[int, bool] = field(default_factory=dict, compare=False)
 
 
 class DecisionLog:
@@ -70,13 +62,16 @@ class DecisionLog:
         memory: int = 100_000,
         on_error: Callable[[int], object] = lambda _lost: None,
         stream: IO[str] | None = None,
+        feedback_memory: FeedbackMemory | None = None,
     ) -> None:
-        """``path`` ``-`` means standard output (or ``stream``, when given)."""
+        """``path`` ``-`` means standard output (or ``stream``, when given);
+        ``feedback_memory`` defaults to the last ``memory`` responses in this process."""
         self.path = path
         self._stdout = path is not None and str(path) == "-"
         self._stream = stream
-        self._memory = memory
-        self._recent: OrderedDict[str, Remembered] = OrderedDict()
+        self.memory: FeedbackMemory = (
+            feedback_memory if feedback_memory is not None else InMemoryFeedbackMemory(memory)
+        )
         self._on_error = on_error
         self._fh: IO[bytes] | None = None
         self._identity: tuple[int, int] | None = None
@@ -141,10 +136,7 @@ class DecisionLog:
         texts: dict[str, Any] | None = None,
     ) -> None:
         """Log one response's verdicts and remember them for feedback."""
-        self._recent[response_id] = Remembered(tenant, model, tuple(v.confidence for v in verdicts))
-        self._recent.move_to_end(response_id)
-        while len(self._recent) > self._memory:
-            self._recent.popitem(last=False)
+        self.memory.remember(response_id, tenant, model, [v.confidence for v in verdicts])
         if self.path is None:
             return
         stamp = now()
@@ -166,18 +158,20 @@ class DecisionLog:
         self._write(records)
 
     def lookup(self, response_id: str) -> Remembered | None:
-        return self._recent.get(response_id)
+        """The response in the in-process memory (None with a shared one)."""
+        memory = self.memory
+        return memory.get(response_id) if isinstance(memory, InMemoryFeedbackMemory) else None
 
     def previous_feedback(self, response_id: str, choice: int) -> bool | None:
         """The ``correct`` already recorded for (id, choice), or None when there is none."""
-        seen = self._recent.get(response_id)
+        seen = self.lookup(response_id)
         return None if seen is None else seen.feedback.get(choice)
 
     def feedback(self, response_id: str, choice: int, correct: bool) -> None:
-        """Log feedback and remember it, so that a repeat can be recognized."""
-        seen = self._recent.get(response_id)
-        if seen is not None:
-            seen.feedback[choice] = correct
+        """Log feedback and remember it, so that a repeat can be recognized (a shared
+        memory remembers it when it is claimed, see ``FeedbackMemory.claim_feedback``)."""
+        if isinstance(self.memory, InMemoryFeedbackMemory):
+            self.memory.mark(response_id, choice, correct)
         self._write([FeedbackRecord(response_id, choice, correct)])
 
     def close(self) -> None:

@@ -104,6 +104,10 @@ class StreamEvidence:
     _tops: dict[int, list[list[float]]] = field(default_factory=dict)
     _tools: set[int] = field(default_factory=set)
     _texts: dict[int, list[str]] = field(default_factory=dict)
+    #: scored tokens with empty text at the end of each choice so far, and how many of
+    #: them carried a top-k list (see :meth:`evidence`)
+    _empty_tail: dict[int, tuple[int, int]] = field(default_factory=dict)
+    _stopped: set[int] = field(default_factory=set)
 
     def add(self, choice: dict[str, Any]) -> None:
         """Read one streamed choice delta; 502 when it is malformed."""
@@ -119,11 +123,41 @@ class StreamEvidence:
             )
             if isinstance(piece, str):
                 self._texts.setdefault(index, []).append(piece)
-        lps, tops = _tokens(choice.get("logprobs"))
+        logprobs = choice.get("logprobs")
+        lps, tops = _tokens(logprobs)
         self._lps.setdefault(index, []).extend(lps)
         self._tops.setdefault(index, []).extend(tops)
+        if lps and isinstance(logprobs, dict):
+            self._track_empty_tail(index, logprobs.get("content"))
+        if choice.get("finish_reason") == "stop":
+            self._stopped.add(index)
         if is_tool_call(self.kind, choice):
             self._tools.add(index)
+
+    def _track_empty_tail(self, index: int, content: Any) -> None:
+        if not isinstance(content, list):
+            return
+        empty, with_top = self._empty_tail.get(index, (0, 0))
+        for token in content:  # shapes already checked by _tokens
+            if token.get("logprob") is None:
+                continue
+            if token.get("token") == "":
+                empty, with_top = empty + 1, with_top + bool(token.get("top_logprobs"))
+            else:
+                empty, with_top = 0, 0
+        self._empty_tail[index] = (empty, with_top)
+
+    def _scores(self, index: int) -> Mapping[str, float]:
+        lps, tops = self._lps.get(index, []), self._tops.get(index, [])
+        empty, with_top = self._empty_tail.get(index, (0, 0))
+        if empty and index in self._stopped and empty < len(lps):
+            # A server that streams the stop string's tokens (llama-server sends them as
+            # empty text) scores them; its complete answers leave them out. Dropped here
+            # so that a streamed answer scores as the same answer not streamed: the
+            # calibration was fitted on the latter.
+            lps = lps[:-empty]
+            tops = tops[: len(tops) - with_top]
+        return scores_from_tokens(lps, tops)
 
     def evidence(self, *, json_mode: bool) -> CallEvidence:
         """Everything streamed so far, one choice per index seen, in index order."""
@@ -133,7 +167,7 @@ class StreamEvidence:
                 ChoiceEvidence(
                     index=i,
                     text="".join(self._texts.get(i, [])) if self.keep_texts else None,
-                    scores=scores_from_tokens(self._lps.get(i, []), self._tops.get(i, [])),
+                    scores=self._scores(i),
                     tool_call=i in self._tools,
                 )
                 for i in indexes

@@ -21,6 +21,7 @@ import dataclasses
 from collections.abc import Mapping
 
 from proxy.confidence.features import uncalibrated
+from proxy.confidence.recalibration import Recalibration, compose
 from proxy.confidence.stopping import expected_final_share
 from proxy.errors import UpstreamError
 from proxy.evidence import CallEvidence, ChoiceEvidence
@@ -48,13 +49,37 @@ def confidence_of(scores: Mapping[str, float], rule: Rule) -> float | None:
     return uncalibrated(rule.score, scores.get(rule.score))
 
 
+def outside_inputs(scores: Mapping[str, float], rule: Rule) -> list[str] | None:
+    """The calibration's inputs whose value lies outside what it was fitted on (beyond
+    the reference's min/max); None when the calibration records no reference."""
+    cal = rule.calibration
+    if cal is None or cal.reference is None:
+        return None
+    return cal.reference.outside_inputs(scores)
+
+
+def _ood_rule(rule: Rule, outside: list[str] | None) -> Rule:
+    """The rule to decide with: its ``ood_threshold`` out of distribution, if stricter."""
+    t = rule.ood_threshold
+    if outside and t is not None and t > rule.threshold:
+        return dataclasses.replace(rule, threshold=t)
+    return rule
+
+
 def verdict_on(scores: Mapping[str, float], rule: Rule, *, samples: int | None = None) -> Verdict:
-    """Calibrate the rule's score and decide."""
+    """Calibrate the rule's score and decide (at ``ood_threshold`` out of distribution)."""
     p = confidence_of(scores, rule)
+    outside = outside_inputs(scores, rule)
+    judged = _ood_rule(rule, outside)
+    reason = None if p is not None else "no score could be computed for this answer"
+    if outside and reason is None:
+        reason = f"inputs outside what the calibration was fitted on: {', '.join(outside)}"
+        if judged is not rule:
+            reason += f"; judged at ood_threshold {judged.threshold}"
     return Verdict(
-        decision=decide(p, rule),
+        decision=decide(p, judged),
         confidence=p,
-        threshold=rule.threshold,
+        threshold=judged.threshold,
         score=scores.get(rule.score),
         score_name=rule.score,
         method=rule.method,
@@ -62,7 +87,8 @@ def verdict_on(scores: Mapping[str, float], rule: Rule, *, samples: int | None =
         tenant=rule.tenant,
         samples=samples,
         scores=scores,
-        reason=None if p is not None else "no score could be computed for this answer",
+        reason=reason,
+        out_of_distribution=None if outside is None else bool(outside),
     )
 
 
@@ -138,12 +164,33 @@ def judge_choice(choice: ChoiceEvidence, call: CallEvidence, rule: Rule) -> Verd
     if call.already_sent and verdict.decision in ("abstain", "hedge"):
         # The text has already gone out: all that is left is to say so.
         verdict.decision = "annotate"
+    if rule.risk is not None:
+        # The threshold came from a target error: say what it rests on.
+        verdict.risk = rule.risk
     return verdict
 
 
-def judge_call(call: CallEvidence, rule: Rule) -> list[Verdict]:
-    """Every choice's verdict, in the order of ``call.choices``."""
-    return [judge_choice(choice, call, rule) for choice in call.choices]
+def judge_call(
+    call: CallEvidence, rule: Rule, recalibration: Recalibration | None = None
+) -> list[Verdict]:
+    """Every choice's verdict, in the order of ``call.choices``.
+
+    ``recalibration``: the map learnt from the tenant's feedback for this model, applied
+    on top of the rule's calibration (ignored without one); each verdict's
+    ``calibration_source`` says which map answered ("shipped", "recalibrated:<version>").
+    """
+    source = None
+    if rule.calibration is not None:
+        source = "shipped"
+        if recalibration is not None:
+            rule = dataclasses.replace(rule, calibration=compose(rule.calibration, recalibration))
+            source = recalibration.source
+    verdicts = [judge_choice(choice, call, rule) for choice in call.choices]
+    for verdict in verdicts:
+        # Not on a fallback verdict judged without the calibration (calibrated: false).
+        if verdict.calibrated and verdict.confidence is not None:
+            verdict.calibration_source = source
+    return verdicts
 
 
 def shown_answer(call: CallEvidence, rule: Rule) -> str | None:

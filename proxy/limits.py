@@ -12,8 +12,9 @@ Two kinds of limit, both set in the policy (``max_n``, ``max_upstream_calls``,
   with ``Retry-After``.
 
 :class:`Limiter` is the one place tenant counters live; :class:`MemoryLimiter` keeps them
-in this process (each worker has its own). A shared store (Redis) can implement the same
-protocol later without touching the routes.
+in this process (each worker has its own). A limiter whose counters live elsewhere
+(:class:`proxy.shared_state.redis_limiter.RedisLimiter`, shared by every pod) also has
+:meth:`SharedLimiter.acquire_async`, which admission awaits instead.
 
 Pure: no web imports, and the clock is injected.
 """
@@ -32,6 +33,7 @@ __all__ = [
     "Limiter",
     "MemoryLimiter",
     "Refusal",
+    "SharedLimiter",
     "TooCostly",
     "check_request",
     "upstream_calls",
@@ -68,6 +70,14 @@ class Limiter(Protocol):
 
         ``now`` is in seconds on a monotonic clock (``time.monotonic()``).
         """
+        ...
+
+
+class SharedLimiter(Limiter, Protocol):
+    """A :class:`Limiter` whose counters are elsewhere: admission awaits this instead."""
+
+    async def acquire_async(self, tenant: str, rule: Rule, now: float) -> Lease | Refusal:
+        """Like :meth:`Limiter.acquire`, deciding with the shared counters."""
         ...
 
 

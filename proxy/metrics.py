@@ -176,6 +176,84 @@ class Metrics:
             ["tenant", "model", "fallback"],
             registry=r,
         )
+        # Shared state (issue 14)
+        self.shared_state_errors = Counter(
+            "abstain_shared_state_errors",
+            "Redis calls that failed, timed out, or were skipped while backing off after a "
+            "failure, by operation (limit_acquire, limit_release, feedback_remember, "
+            "feedback_lookup, feedback_claim).",
+            ["operation"],
+            registry=r,
+        )
+        self.shared_state_up = Gauge(
+            "abstain_shared_state_up",
+            "1 while the last Redis call succeeded; 0 while Redis is unreachable (limits "
+            "are local, feedback answers 503) or not configured (ABSTAIN_REDIS_URL unset).",
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        # Drift (issue 12.1)
+        # Per worker (proxy.drift_monitor): each worker compares its own window of recent
+        # answers with the calibration's reference, so across workers the largest counts.
+        self.input_drift_psi = Gauge(
+            "abstain_input_drift_psi",
+            "Population stability index of one calibration input over the last answers "
+            "against the calibration's reference distribution (set once the window holds "
+            "enough answers).",
+            ["tenant", "model", "input"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.input_drift = Gauge(
+            "abstain_input_drift",
+            "The largest abstain_input_drift_psi over the calibration's inputs.",
+            ["tenant", "model"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.input_drift_window = Gauge(
+            "abstain_input_drift_window_answers",
+            "Answers in the drift monitor's window (the sample the PSI is computed on).",
+            ["tenant", "model"],
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.out_of_distribution = Counter(
+            "abstain_out_of_distribution",
+            "Judged answers with an input outside the calibration's fitted range.",
+            ["tenant", "model"],
+            registry=r,
+        )
+        # Recalibration (issue 12.2)
+        self.recalibration_info = Gauge(
+            "abstain_recalibration_info",
+            "1 for the recalibration version in service per tenant and model, 0 for the ones "
+            "it replaced (no series: the shipped calibration answers).",
+            ["tenant", "model", "version"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.recalibration_labels = Gauge(
+            "abstain_recalibration_labels",
+            "Feedback labels stored for recalibration, per tenant and model.",
+            ["tenant", "model"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.recalibration_swaps = Counter(
+            "abstain_recalibration_swaps",
+            "Recalibrations put in service: refits that beat the map in service on held-out "
+            "labels.",
+            ["tenant", "model"],
+            registry=r,
+        )
+        self.recalibration_refits = Counter(
+            "abstain_recalibration_refits",
+            "Recalibration refits by result: swapped, kept (not better on held-out labels), "
+            "failed.",
+            ["tenant", "model", "result"],
+            registry=r,
+        )
 
     def feedback_bin(self, p: float) -> str:
         """The label of the 0.1-wide confidence bin ``p`` falls in."""

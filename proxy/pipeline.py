@@ -29,6 +29,7 @@ from proxy.errors import UpstreamError
 from proxy.evidence import CallEvidence, from_response
 from proxy.judge import judge_call, shown_answer, skip_reason
 from proxy.protocol import Kind, choices_of, upstream_body
+from proxy.recalibration_store import OnlineRecalibration
 from proxy.recording import Recorder
 from proxy.rewrite import rewrite_response
 from proxy.sampling.session import Matchers, SamplingSession
@@ -43,11 +44,17 @@ class Pipeline:
     """Runs calls against upstreams and judges their answers."""
 
     def __init__(
-        self, upstreams: UpstreamPool, recorder: Recorder, matchers: Matchers | None = None
+        self,
+        upstreams: UpstreamPool,
+        recorder: Recorder,
+        matchers: Matchers | None = None,
+        recalibration: OnlineRecalibration | None = None,
     ) -> None:
         self.upstreams = upstreams
         self.recorder = recorder
         self.matchers = matchers or Matchers()
+        #: the maps learnt from feedback (issue 12.2); None: the calibrations as shipped
+        self.recalibration = recalibration
 
     async def complete(self, call: Call) -> tuple[dict[str, Any], list[Verdict]]:
         """A non-streaming completion, judged and rewritten."""
@@ -131,7 +138,14 @@ class Pipeline:
         """Attach the samples (when drawn), judge every choice, and count the verdicts."""
         if session is not None and evidence.choices:
             self.recorder.sampling(call, await session.gather(evidence))
-        verdicts = judge_call(evidence, call.rule)
+        recalibration = None
+        if self.recalibration is not None and call.rule.recalibrate is not None:
+            recalibration = self.recalibration.current(call.tenant, call.route.model)
+        verdicts = judge_call(evidence, call.rule, recalibration)
+        if recalibration is not None and self.recalibration is not None:
+            # The shipped P(correct) behind each confidence: what feedback labels.
+            shipped = judge_call(evidence, call.rule)
+            self.recalibration.judged(call.tenant, call.route.model, verdicts, shipped)
         if call.rule.log_text:
             call.answers = evidence.texts
         self.recorder.verdicts(call, verdicts)

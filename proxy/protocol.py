@@ -96,7 +96,8 @@ def trim_top_logprobs(kind: Kind, logprobs: Any, k: int) -> None:
     """
     if not isinstance(logprobs, dict):
         return
-    if kind == "chat":
+    # llama-server answers completions' logprobs in the chat shape too: read the shape.
+    if "content" in logprobs:
         for token in logprobs.get("content") or ():
             if isinstance(token, dict):
                 top = token.get("top_logprobs")

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 
 from proxy.call import Call
 from proxy.decision_log import DecisionLog
+from proxy.drift_monitor import DriftMonitor
 from proxy.errors import UpstreamError
 from proxy.metrics import Metrics
 from proxy.sampling.draw import SamplingResult
@@ -21,11 +22,15 @@ from proxy.verdict import Verdict
 
 
 class Recorder:
-    """Metrics and decision-log records for calls; both injected."""
+    """Metrics and decision-log records for calls; both injected (and the drift monitor,
+    which defaults to one exporting on ``metrics``)."""
 
-    def __init__(self, metrics: Metrics, decisions: DecisionLog) -> None:
+    def __init__(
+        self, metrics: Metrics, decisions: DecisionLog, drift: DriftMonitor | None = None
+    ) -> None:
         self.metrics = metrics
         self.decisions = decisions
+        self.drift = drift if drift is not None else DriftMonitor(metrics)
 
     def rejected(self, route: str, tenant: str, model: str, status: int, started: float) -> None:
         """A request refused at admission (bad body, key, model): no call was made."""
@@ -42,6 +47,7 @@ class Recorder:
         for v in verdicts:
             calibrated = "true" if v.calibrated else "false"
             m.choices.labels(tenant, model, v.decision, calibrated).inc()
+            self.drift.observe(tenant, model, call.rule.calibration, v)
             if v.confidence is None:
                 continue
             m.confidence.labels(tenant, model, calibrated).observe(v.confidence)

@@ -84,7 +84,7 @@ async def _completion(request: Request, kind: Kind) -> Response:
             raise ModelNotFound(f"The model {name!r} does not exist.", param="model")
         labels.model = route.model
         rule = policy.rule(tenant, route.model)
-        release = admit(request, policy, route, rule, body)
+        release = await admit(request, policy, route, rule, body)
         call = Call(kind, body, tenant, route, rule, started)
         if body.get("stream"):
             streamed = await until_disconnect(request, _stream(pipeline, call, release))
@@ -143,6 +143,10 @@ async def feedback(request: Request) -> Response:
     (``code: "feedback_conflict"``) and the first word stands: the live counters cannot
     be taken back, so accepting a correction would leave the metrics and the log
     disagreeing, and contradictory labels for one answer are worth a person's look.
+
+    With ``ABSTAIN_REDIS_URL`` this holds across pods; when Redis does not answer in
+    time the feedback is refused with 503 ``shared_state_unavailable`` (and
+    ``Retry-After``), never queued, so the client keeps it and retries.
     """
     state = request.app.state
     tenant = tenant_of(state.store, request)
@@ -155,7 +159,9 @@ async def feedback(request: Request) -> Response:
     if not isinstance(choice, int) or isinstance(choice, bool) or choice < 0:
         raise BadRequest("'choice' must be a non-negative integer.", param="choice")
     decisions: DecisionLog = state.decisions
-    seen = decisions.lookup(rid)
+    # In this process, or in Redis (shared by every pod; 503 when it does not answer).
+    memory = decisions.memory
+    seen = await memory.lookup(tenant, rid)
     # Another tenant's response is as unknown as one that never existed.
     if seen is None or seen.tenant != tenant:
         raise NotFound(f"No recent response with id {rid[:100]!r}.", param="id")
@@ -164,22 +170,27 @@ async def feedback(request: Request) -> Response:
     p = seen.confidences[choice]
     metrics: Metrics = state.metrics
     bin_label = None if p is None else metrics.feedback_bin(p)
-    previous = decisions.previous_feedback(rid, choice)
-    if previous is not None and previous != correct:
+    # Atomic (per process, or across pods in Redis): exactly one claim is "new".
+    claim = await memory.claim_feedback(tenant, rid, choice, correct)
+    if claim == "unknown":  # expired since the lookup
+        raise NotFound(f"No recent response with id {rid[:100]!r}.", param="id")
+    if claim == "conflict":
         raise Conflict(
             f"Feedback for choice {choice} of this response was already recorded as "
-            f"correct={str(previous).lower()}; the first feedback stands.",
+            f"correct={str(not correct).lower()}; the first feedback stands.",
             param="correct",
             code="feedback_conflict",
         )
     out: dict[str, Any] = {"id": rid, "choice": choice, "correct": correct}
-    if previous is not None:
+    if claim == "duplicate":
         out.update(recorded=False, duplicate=True, bin=bin_label)
         return Response(orjson.dumps(out), media_type=_JSON)
     if bin_label is not None:
         verdict = "true" if correct else "false"
         metrics.feedback.labels(seen.tenant, seen.model, bin_label, verdict).inc()
     decisions.feedback(rid, choice, correct)
+    rule = state.store.current.rule(seen.tenant, seen.model)
+    await state.recalibration.feedback(rule.recalibrate, seen.tenant, seen.model, p, correct)
     out.update(recorded=True, bin=bin_label)
     return Response(orjson.dumps(out), media_type=_JSON)
 

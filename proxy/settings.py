@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     #: how often the policy file is checked for changes; 0 turns polling off (SIGHUP still works)
     reload_interval_seconds: float = Field(1.0, ge=0)
     #: bytes of one upstream answer (decompressed) the proxy holds at most; past it, 502
-    max_upstream_response_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    #: (measured: 16 answers at the cap at once held ~16 × cap of RSS after; size to that)
+    max_upstream_response_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     #: bytes of one line (SSE event) of a streamed upstream answer; past it, 502
     max_upstream_line_bytes: int = Field(1024 * 1024, ge=1024)
     #: connections kept to all OpenAI-compatible upstreams together
@@ -50,9 +51,28 @@ class Settings(BaseSettings):
     decision_log: Path | None = None
     #: how many recent responses are remembered so that feedback can find them
     feedback_memory: int = Field(100_000, ge=1)
+    #: where feedback labels and learnt recalibrations are kept (one JSON Lines file per
+    #: tenant and model); None: ``recalibration/`` beside the decision log when it is a
+    #: file, else in memory only (lost at exit). See proxy.recalibration_store.
+    recalibration_dir: Path | None = None
     #: when set, GET /metrics needs ``Authorization: Bearer <token>``: the metrics name
     #: tenants and show their traffic, which not every client should see
     metrics_token: SecretStr | None = None
+    #: Redis shared by every pod and worker (``redis://[user:password@]host:port/db``,
+    #: ``rediss://`` for TLS): feedback memory and per-tenant limits. Unset keeps both in
+    #: this process's memory. Credentials belong here (the environment), never in the policy.
+    redis_url: SecretStr | None = None
+    #: seconds any one Redis call may take; past it the call counts as failed (limits
+    #: fall back to this process, feedback answers 503)
+    redis_timeout_seconds: float = Field(0.05, gt=0, le=5)
+    #: after a failed Redis call, seconds during which Redis is not tried again
+    redis_retry_seconds: float = Field(1.0, ge=0)
+    #: prefix of every Redis key, so deployments can share one Redis
+    redis_key_prefix: str = "abstain:"
+    #: with Redis: how long a response stays known to /v1/feedback
+    feedback_ttl_seconds: int = Field(86_400, ge=1)
+    #: with Redis: the longest a concurrency slot is held if its pod dies before releasing it
+    redis_lease_seconds: float = Field(600.0, gt=0)
 
 
 def environment() -> Mapping[str, str]:

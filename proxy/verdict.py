@@ -35,6 +35,15 @@ class Verdict:
     #: every raw score computed, for the decision log and calibration from production
     scores: Mapping[str, float] = field(default_factory=dict)
     reason: str | None = None
+    #: whether the answer's inputs lie outside what the calibration was fitted on
+    #: (None when the calibration records no reference distribution)
+    out_of_distribution: bool | None = None
+    #: which map produced ``confidence``: the shipped calibration, or a recalibration
+    #: learnt from the tenant's feedback (None without a calibration)
+    calibration_source: str | None = None
+    #: for a rule with ``target_error``: how its threshold was chosen (the bound, the
+    #: coverage it buys, how many labels it rests on)
+    risk: Mapping[str, Any] | None = None
 
     @property
     def delivered(self) -> bool:
@@ -59,4 +68,10 @@ class Verdict:
             out["samples"] = self.samples
         if self.reason:
             out["reason"] = self.reason
+        if self.out_of_distribution is not None:
+            out["out_of_distribution"] = self.out_of_distribution
+        if self.calibration_source is not None:
+            out["calibration_source"] = self.calibration_source
+        if self.risk is not None:
+            out["risk"] = dict(self.risk)
         return out

@@ -9,8 +9,13 @@ A calibration file is JSON::
       "model": "gemma-3-270m",
       "calibrator": {"kind": "isotonic", "x": [...], "y": [...]},
       "fitted_on": {"dataset": "facts-dev", "n": 411, "date": "2026-11-24"},
-      "metrics": {"ece": 0.03, "auroc": 0.81, "brier": 0.14, "ece_bins": 10, "held_out": true}
+      "metrics": {"ece": 0.03, "auroc": 0.81, "brier": 0.14, "ece_bins": 10, "held_out": true},
+      "reference": {"source": "...", "bins": 10, "inputs": {"min_logprob": {"edges": [...],
+                    "shares": [...], "min": ..., "max": ..., "p01": ..., "p99": ..., "n": 411}}}
     }
+
+``reference`` (optional, :mod:`proxy.confidence.drift`) is the distribution of the inputs
+over the answers it describes, for the drift monitor and the out-of-distribution test.
 
 Calibrator kinds: ``isotonic`` (piecewise-linear through fitted points), ``platt``
 (sigmoid(a·x + b)), ``histogram`` (bin edges and per-bin rates) and ``logistic``
@@ -27,6 +32,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from proxy.confidence.drift import DriftReferenceError, Reference
 
 FORMAT = "abstain-calibration/1"
 
@@ -206,6 +213,12 @@ class Calibration:
     model: str | None = None
     fitted_on: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    #: labelled answers the mapping was *not* fitted on: ``{"source", "confidence": [...],
+    #: "correct": [...]}``; a rule's ``target_error`` chooses its threshold from them
+    validation: Mapping[str, Any] = field(default_factory=dict)
+    #: the distribution of the inputs it was fitted on (drift and the outside test);
+    #: None in files written before it existed
+    reference: Reference | None = None
 
     def __call__(self, features: Mapping[str, float]) -> float | None:
         """P(correct) for an answer's raw scores, or None when the needed score is missing."""
@@ -225,6 +238,8 @@ class Calibration:
             "calibrator": self.calibrator.to_dict(),
             "fitted_on": dict(self.fitted_on),
             "metrics": dict(self.metrics),
+            **({"validation": dict(self.validation)} if self.validation else {}),
+            **({"reference": self.reference.to_dict()} if self.reference is not None else {}),
         }
 
     @classmethod
@@ -236,6 +251,12 @@ class Calibration:
             calibrator = calibrator_from_dict(score, data["calibrator"])
         except KeyError as exc:
             raise CalibrationError(f"calibration file lacks {exc}") from exc
+        reference = None
+        if data.get("reference") is not None:
+            try:
+                reference = Reference.from_dict(data["reference"])
+            except (DriftReferenceError, AttributeError) as exc:
+                raise CalibrationError(f"malformed reference: {exc}") from exc
         return cls(
             score=score,
             calibrator=calibrator,
@@ -243,6 +264,8 @@ class Calibration:
             model=data.get("model"),
             fitted_on=dict(data.get("fitted_on") or {}),
             metrics=dict(data.get("metrics") or {}),
+            validation=dict(data.get("validation") or {}),
+            reference=reference,
         )
 
     def save(self, path: str | Path) -> None:

@@ -12,6 +12,7 @@ never the in-sample fit.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from proxy.confidence.calibration import Calibration, Calibrator, Logistic
+from proxy.confidence.drift import Reference, build_reference
 from proxy.confidence.features import (
     AGREEMENT_SCORES,
     HYBRID_FEATURES,
@@ -79,8 +81,14 @@ def build_calibration(
     model: str | None,
     fitted_on: Mapping[str, Any],
     folds: int,
+    data: Labelled | None = None,
 ) -> Calibration:
-    """The calibration file's content, with held-out metrics before and after fitting."""
+    """The calibration file's content, with held-out metrics before and after fitting.
+
+    With ``data`` (the answers fitted on), the file also records the reference
+    distribution of the calibration's inputs over them (:mod:`proxy.confidence.drift`),
+    which the proxy's drift monitor and out-of-distribution test compare live answers to.
+    """
     metrics: dict[str, Any] = {
         **best.after.to_dict(),
         "held_out": True,
@@ -89,7 +97,7 @@ def build_calibration(
     }
     if best.features:
         metrics["features"] = list(best.features)
-    return Calibration(
+    calibration = Calibration(
         score=best.score,
         calibrator=calibrator,
         method=method,
@@ -97,6 +105,27 @@ def build_calibration(
         fitted_on={"date": datetime.now(UTC).strftime("%Y-%m-%d"), "n": best.n, **fitted_on},
         metrics=metrics,
     )
+    if data is None:
+        return calibration
+    source = f"{fitted_on.get('dataset', 'the fitting data')}: the {best.n} answers fitted on"
+    reference = fitted_reference(data, calibration.inputs, source=source)
+    return dataclasses.replace(calibration, reference=reference)
+
+
+def fitted_reference(data: Labelled, inputs: Sequence[str], *, source: str) -> Reference | None:
+    """The reference distribution of ``inputs`` over the answers that have all of them.
+
+    Those are the answers the calibration can judge (and was fitted on); None when there
+    are none or an input is missing from ``data``.
+    """
+    if not inputs or any(n not in data.features for n in inputs):
+        return None
+    X = np.column_stack([data.features[n] for n in inputs])
+    rows = ~np.isnan(X).any(axis=1)
+    if not rows.any():
+        return None
+    columns = {n: data.features[n][rows].tolist() for n in inputs}
+    return build_reference(columns, inputs, source=source)
 
 
 def unfit_reason(data: Labelled, names: Sequence[str], folds: int) -> str | None:

@@ -298,7 +298,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
     calibration = build_calibration(
-        best, calibrator, method=method, model=model, fitted_on=fitted_on, folds=args.folds
+        best,
+        calibrator,
+        method=method,
+        model=model,
+        fitted_on=fitted_on,
+        folds=args.folds,
+        data=data,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     calibration.save(args.out)

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 from proxy.confidence.calibration import Calibration
 from proxy.confidence.features import needing_top_k
+from proxy.confidence.recalibration import RecalibrationRule
+from proxy.confidence.risk_control import RiskChoice, choose_threshold
 from proxy.policy.schema import (
     Action,
     MatcherName,
@@ -61,10 +63,17 @@ class Rule:
     top_logprobs: int
     keepalive_seconds: float
     log_text: bool
+    #: how ``threshold`` was chosen for a ``target_error`` (bound, coverage, labels), as the
+    #: verdict and check-policy show it; None for a rule that names its threshold
+    risk: Mapping[str, Any] | None = None
     consistency_score: str = "agreement"
     #: the logprob score, even when a calibration or the method reads another one
     logprob_score: str = "min_logprob"
+    #: online recalibration from feedback (issue 12.2); None: the calibration as shipped
+    recalibrate: RecalibrationRule | None = None
     sampling: SamplingRule | None = None
+    #: the stricter threshold for answers outside the calibration's reference (issue 12.1)
+    ood_threshold: float | None = None
     # Limits, enforced by proxy.limits; None means unlimited.
     max_n: int = 16
     max_upstream_calls: int = 64
@@ -127,6 +136,7 @@ class Policy:
             for name, r in spec.models.items()
         }
         self._rules: dict[tuple[str | None, str], Rule] = {}
+        self._risk: dict[tuple[int, float, float], RiskChoice] = {}
 
     @property
     def model_names(self) -> list[str]:
@@ -148,6 +158,25 @@ class Policy:
                 found += [f"{where}: {w}" for w in calibration_mismatches(rule)]
         return sorted(set(found))
 
+    def risk_report(self) -> list[str]:
+        """For every rule with a ``target_error``: the threshold chosen and what it rests on."""
+        lines = []
+        for tenant in (None, *self.spec.tenants):
+            for model in self._routes:
+                risk = self.rule(tenant, model).risk
+                if risk is None or risk.get("threshold") is None:
+                    continue
+                where = f"models.{model}" + (f" for tenant {tenant}" if tenant else "")
+                lines.append(
+                    f"{where}: target_error {risk['target_error']:g} at "
+                    f"{risk['confidence']:.0%} -> threshold {risk['threshold']:g} "
+                    f"(error bound {risk['error_bound']:.3f}, answers "
+                    f"{risk['coverage']:.1%} of {risk['labels']} labelled answers"
+                    + (f" from {risk['source']}" if risk.get("source") else "")
+                    + ")"
+                )
+        return sorted(set(lines))
+
     def tenant_for(self, api_key: str | None) -> str | None:
         """The tenant owning ``api_key``; the default tenant or None when unknown.
 
@@ -166,6 +195,22 @@ class Policy:
 
     def route(self, model: str) -> Route | None:
         return self._routes.get(model)
+
+    def _risk_choice(
+        self, calibration: Calibration | None, target: float, confidence: float
+    ) -> RiskChoice:
+        """The threshold for a target error, from the calibration's validation labels."""
+        key = (id(calibration), target, confidence)
+        if key not in self._risk:
+            labels = calibration.validation if calibration is not None else {}
+            self._risk[key] = choose_threshold(
+                labels.get("confidence") or [],
+                labels.get("correct") or [],
+                target_error=target,
+                target_confidence=confidence,
+                source=str(labels.get("source", "")),
+            )
+        return self._risk[key]
 
     def rule(self, tenant: str | None, model: str) -> Rule:
         """The effective rule: defaults, then the model's overrides, then the tenant's."""
@@ -205,9 +250,17 @@ class Policy:
         score = (
             merged["consistency_score"] if merged["method"] == "consistency" else merged["score"]
         )
+        threshold, risk = merged["threshold"], None
+        if merged["target_error"] is not None:
+            choice = self._risk_choice(
+                calibration, merged["target_error"], merged["target_confidence"]
+            )
+            # No threshold keeps the promise: refuse every answer rather than guess.
+            threshold = choice.threshold if choice.threshold is not None else 1.0
+            risk = choice.to_dict() | ({"reason": choice.reason} if choice.reason else {})
         rule = Rule(
             tenant=tenant or "anonymous",
-            threshold=merged["threshold"],
+            threshold=threshold,
             action=merged["action"],
             method=merged["method"],
             # A calibration is fitted on one score: it decides which score is read.
@@ -222,9 +275,20 @@ class Policy:
             top_logprobs=merged["top_logprobs"],
             keepalive_seconds=merged["keepalive_seconds"],
             log_text=merged["log_text"],
+            risk=risk,
             consistency_score=merged["consistency_score"],
             logprob_score=merged["score"],
+            recalibrate=RecalibrationRule(
+                min_labels=merged["recalibrate_min_labels"],
+                refit_every=merged["recalibrate_every"],
+                holdout=merged["recalibrate_holdout"],
+                prior_strength=merged["recalibrate_prior"],
+                window=merged["recalibrate_window"],
+            )
+            if merged["recalibrate"] and calibration is not None
+            else None,
             sampling=sampling,
+            ood_threshold=merged["ood_threshold"],
             max_n=merged["max_n"],
             max_upstream_calls=merged["max_upstream_calls"],
             # 0 in the file lifts a limit an outer layer set: unlimited.
@@ -247,10 +311,12 @@ _FITTED_SAMPLING = {
 
 def calibration_mismatches(rule: Rule) -> list[str]:
     """How ``rule`` differs from what its calibration was fitted on (empty when it fits)."""
+    problems = []
+    if rule.risk is not None and rule.risk.get("threshold") is None:
+        problems.append(str(rule.risk.get("reason")))
     cal = rule.calibration
     if cal is None:
-        return []
-    problems = []
+        return problems
     sampled = cal.method in ("consistency", "hybrid")
     if sampled != (rule.method in ("consistency", "hybrid")) or (
         cal.method == "hybrid" and rule.method != "hybrid"

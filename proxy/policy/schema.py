@@ -102,9 +102,27 @@ class RuleFields(_Strict):
     judge_json: bool | None = None
     on_missing_score: Literal["answer", "abstain"] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    #: instead of a threshold: the highest error among answered the tenant accepts; the
+    #: threshold is chosen from the calibration's validation labels (proxy.confidence.risk_control)
+    target_error: float | None = Field(None, gt=0.0, lt=1.0)
+    #: how sure that bound must be (1 − δ)
+    target_confidence: float | None = Field(None, gt=0.5, lt=1.0)
     keepalive_seconds: float | None = Field(None, gt=0)
     #: put prompt and answer text in the decision log (off: scores and verdicts only)
     log_text: bool | None = None
+    #: learn a recalibration of the calibration from this tenant's feedback (issue 12.2;
+    #: see docs/calibration.md, "Learning from feedback"); needs a calibration
+    recalibrate: bool | None = None
+    #: labels needed before the first fit
+    recalibrate_min_labels: int | None = Field(None, ge=20, le=1_000_000)
+    #: new labels between two refits
+    recalibrate_every: int | None = Field(None, ge=1, le=1_000_000)
+    #: share of the labels (the newest) a candidate is judged on before it is swapped in
+    recalibrate_holdout: float | None = Field(None, ge=0.1, le=0.5)
+    #: weight of the prior centred on the shipped map, in labels' worth (0: none)
+    recalibrate_prior: float | None = Field(None, ge=0.0, le=10_000.0)
+    #: the most recent labels a fit reads (at least recalibrate_min_labels)
+    recalibrate_window: int | None = Field(None, ge=20, le=1_000_000)
 
     # Sampling, for method consistency and hybrid.
     #: the agreement score read by method consistency
@@ -132,6 +150,9 @@ class RuleFields(_Strict):
     #: too few samples came back: judge on logprobs when there are some ("fallback"),
     #: or answer, abstain (the rule's action) or fail with 502
     on_sampling_error: SamplingFallback | None = None
+    #: the threshold for an answer whose inputs lie outside what the calibration was
+    #: fitted on (``out_of_distribution``); never below ``threshold``. Unset: the same t
+    ood_threshold: float | None = Field(None, ge=0.0, lt=1.0)
 
     # Limits (proxy.limits). Per request: the client's n, and the upstream calls one
     # request makes (the answer, fanned out when the upstream ignores n, plus samples).
@@ -173,8 +194,15 @@ class Defaults(RuleFields):
     judge_json: bool | None = False
     on_missing_score: Literal["answer", "abstain"] | None = "abstain"
     top_logprobs: int | None = Field(5, ge=0, le=20)
+    target_confidence: float | None = Field(0.95, gt=0.5, lt=1.0)
     keepalive_seconds: float | None = Field(10.0, gt=0)
     log_text: bool | None = False
+    recalibrate: bool | None = False
+    recalibrate_min_labels: int | None = Field(100, ge=20, le=1_000_000)
+    recalibrate_every: int | None = Field(25, ge=1, le=1_000_000)
+    recalibrate_holdout: float | None = Field(0.3, ge=0.1, le=0.5)
+    recalibrate_prior: float | None = Field(2.0, ge=0.0, le=10_000.0)
+    recalibrate_window: int | None = Field(2000, ge=20, le=1_000_000)
     consistency_score: str | None = "agreement"
     samples: int | None = Field(8, ge=1, le=64)
     sample_temperature: float | None = Field(1.0, ge=0.0, le=2.0)
@@ -188,6 +216,7 @@ class Defaults(RuleFields):
     embedding_threshold: float | None = Field(0.8, ge=-1.0, le=1.0)
     show: Literal["requested", "majority"] | None = "requested"
     on_sampling_error: SamplingFallback | None = "fallback"
+    ood_threshold: float | None = Field(None, ge=0.0, lt=1.0)
     max_n: int | None = Field(16, ge=1, le=128)
     max_upstream_calls: int | None = Field(64, ge=1, le=1024)
 

@@ -48,7 +48,7 @@ class ResponseCaps:
     """
 
     #: bytes of one non-streamed answer
-    max_response_bytes: int = 32 * 1024 * 1024
+    max_response_bytes: int = 8 * 1024 * 1024
     #: bytes of one line of a streamed answer (one SSE event)
     max_line_bytes: int = 1024 * 1024
 

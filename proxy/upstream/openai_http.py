@@ -81,6 +81,7 @@ class OpenAIHTTPUpstream:
         self._client = client
         self._caps = caps
         self._total = config.timeouts.total
+        self._read_timeout = config.timeouts.read
         self._timeout = httpx.Timeout(
             connect=config.timeouts.connect,
             read=config.timeouts.read,
@@ -155,7 +156,8 @@ class OpenAIHTTPUpstream:
                 raw = self._redact.bytes(await self._read_capped(response))
                 raise _status_error(response.status_code, raw, response.headers)
             _check_event_stream(response)
-            async for line in _lines(response, deadline, self._caps.max_line_bytes):
+            lines = _lines(response, deadline, self._caps.max_line_bytes, self._read_timeout)
+            async for line in lines:
                 if not line.startswith("data:"):
                     continue  # comments, event names, blank separators
                 payload = self._redact.known(line[5:].strip())
@@ -171,8 +173,16 @@ class OpenAIHTTPUpstream:
             await response.aclose()
 
 
-async def _lines(response: httpx.Response, deadline: float, limit: int) -> AsyncIterator[str]:
-    """The stream's lines, each read within the deadline and at most ``limit`` bytes."""
+async def _lines(
+    response: httpx.Response, deadline: float, limit: int, read_timeout: float
+) -> AsyncIterator[str]:
+    """The stream's lines, each read within the deadline and at most ``limit`` bytes.
+
+    The deadline is checked after every read, so bytes that keep trickling cannot outlive
+    it; a read that stalls is cut by httpx's read timeout, or, once the deadline is
+    nearer than that, by a timer armed for that read only (timers cost, and most reads
+    of most streams never need one).
+    """
     chunks = response.aiter_bytes().__aiter__()
     pending = b""
     while True:
@@ -180,7 +190,10 @@ async def _lines(response: httpx.Response, deadline: float, limit: int) -> Async
         if remaining <= 0:
             raise UpstreamTimeout()
         try:
-            async with asyncio.timeout(remaining):
+            if remaining < read_timeout:
+                async with asyncio.timeout(remaining):
+                    data = await anext(chunks)
+            else:
                 data = await anext(chunks)
         except StopAsyncIteration:
             break

@@ -7,12 +7,14 @@ the Kubernetes base is rendered with ``kubectl kustomize`` where kubectl is inst
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
 import subprocess
 import sys
 import tomllib
+import urllib.parse
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -25,6 +27,7 @@ from tests.deploy.procs import DEPLOY, ROOT
 
 COMPOSE_DIR = DEPLOY / "compose"
 K8S_BASE = DEPLOY / "kubernetes" / "base"
+K8S_REDIS = DEPLOY / "kubernetes" / "overlays" / "redis"
 DOCKERFILE = ROOT / "Dockerfile"
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 IMAGE = f"abstain-proxy:{PROJECT['version']}"
@@ -146,7 +149,7 @@ def _mounts(service: dict[str, Any]) -> dict[str, Path]:
 
 def test_compose_wires_proxy_model_prometheus_and_grafana(tmp_path: Path) -> None:
     services = _compose()["services"]
-    assert set(services) == {"proxy", "model", "prometheus", "grafana"}
+    assert set(services) == {"proxy", "model", "prometheus", "grafana", "redis"}
     stages = _stages()
 
     proxy = services["proxy"]
@@ -212,12 +215,12 @@ def _base_files() -> list[dict[str, Any]]:
     return documents
 
 
-def _rendered() -> list[dict[str, Any]]:
+def _rendered(directory: Path = K8S_BASE) -> list[dict[str, Any]]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl not installed: its `kubectl kustomize` renders the base")
     result = subprocess.run(
-        [kubectl, "kustomize", str(K8S_BASE)],
+        [kubectl, "kustomize", str(directory)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -319,3 +322,68 @@ def test_kubernetes_base_renders_a_consistent_deployment(tmp_path: Path) -> None
 
     pdb = by_kind["PodDisruptionBudget"]
     assert _matches(pdb["spec"]["selector"]["matchLabels"], pod_labels)
+
+
+# ---------------------------------------------------------------------- shared state (Redis)
+
+
+def test_compose_points_the_proxy_at_its_redis() -> None:
+    services = _compose()["services"]
+    proxy, redis_service = services["proxy"], services["redis"]
+    url = urllib.parse.urlsplit(proxy["environment"]["ABSTAIN_REDIS_URL"])
+    assert url.scheme == "redis" and url.hostname == "redis"
+    port = str(url.port or 6379)
+    assert port in redis_service["expose"]
+    assert "ports" not in redis_service  # not published on the host
+    assert proxy["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "redis-cli" in redis_service["healthcheck"]["test"]
+    command = redis_service["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "volatile-ttl"
+    assert command[command.index("--appendonly") + 1] == "no"
+
+
+def test_the_redis_overlay_adds_redis_and_leaves_the_hpa_alone() -> None:
+    base = {d["kind"] + "/" + d["metadata"]["name"]: d for d in _rendered()}
+    overlay = {d["kind"] + "/" + d["metadata"]["name"]: d for d in _rendered(K8S_REDIS)}
+    for unchanged in ("HorizontalPodAutoscaler", "PodDisruptionBudget", "Service"):
+        assert overlay[f"{unchanged}/abstain-proxy"] == base[f"{unchanged}/abstain-proxy"]
+
+    redis_deployment = overlay["Deployment/abstain-redis"]
+    redis_service = overlay["Service/abstain-redis"]
+    pod = redis_deployment["spec"]["template"]
+    assert _matches(redis_deployment["spec"]["selector"]["matchLabels"], pod["metadata"]["labels"])
+    assert _matches(redis_service["spec"]["selector"], pod["metadata"]["labels"])
+    # The proxy's selectors do not pick up Redis pods, and the other way round.
+    proxy_selector = overlay["Service/abstain-proxy"]["spec"]["selector"]
+    assert not _matches(proxy_selector, pod["metadata"]["labels"])
+    (container,) = pod["spec"]["containers"]
+    (redis_port,) = container["ports"]
+    (service_port,) = redis_service["spec"]["ports"]
+    assert service_port["targetPort"] == redis_port["name"]
+    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert container["resources"]["limits"]["memory"]
+    assert "volatile-ttl" in container["args"]
+
+    # The proxy reads the URL from a Secret (credentials never in the policy or the
+    # manifest's env values), and that URL names the Service and its port.
+    (proxy_container,) = overlay["Deployment/abstain-proxy"]["spec"]["template"]["spec"][
+        "containers"
+    ]
+    env = {e["name"]: e for e in proxy_container["env"]}
+    ref = env["ABSTAIN_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+    secret = overlay["Secret/" + ref["name"]]
+    url = urllib.parse.urlsplit(base64.b64decode(secret["data"][ref["key"]]).decode())
+    assert (url.scheme, url.hostname) == ("redis", redis_service["metadata"]["name"])
+    assert url.port == service_port["port"]
+    from proxy.settings import Settings
+
+    timeout = float(env["ABSTAIN_REDIS_TIMEOUT_SECONDS"]["value"])
+    assert Settings(redis_url=url.geturl(), redis_timeout_seconds=timeout).redis_url
+    # Everything else about the proxy is the base's.
+    base_env = {e["name"] for e in base["Deployment/abstain-proxy"]["spec"]["template"]["spec"][
+        "containers"][0]["env"]}  # fmt: skip
+    assert set(env) - base_env == {
+        "ABSTAIN_REDIS_URL",
+        "ABSTAIN_REDIS_TIMEOUT_SECONDS",
+        "ABSTAIN_FEEDBACK_TTL_SECONDS",
+    }

@@ -6,6 +6,7 @@ would fall back if it were told how) and an "attacker" that only counts requests
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import threading
 from collections.abc import Iterator
@@ -19,7 +20,10 @@ from prometheus_client import CollectorRegistry
 from proxy.app import create_app
 from proxy.settings import Settings
 
-pytest.importorskip("litellm")
+# Not importorskip: importing litellm here, before the proxy sets its offline switch
+# (proxy.settings.quiet_litellm), would make it fetch its cost map from the network.
+if importlib.util.find_spec("litellm") is None:
+    pytest.skip("litellm is not installed", allow_module_level=True)
 
 
 class Counting(ThreadingHTTPServer):
@@ -35,7 +39,9 @@ def serve(status: int) -> Counting:
             server.hits += 1
             server.authorizations.append(self.headers.get("authorization", ""))
             self.rfile.read(int(self.headers.get("content-length") or 0))
-            body = json.dumps({"error": {"message": "down"}}).encode()
+            # Like a careless upstream: the 400 repeats the request's Authorization header.
+            echoed = f"Invalid key provided: {self.headers.get('authorization', '')}"
+            body = json.dumps({"error": {"message": "down" if status != 400 else echoed}}).encode()
             if status == 200:
                 body = json.dumps(
                     {
@@ -117,3 +123,42 @@ tenants: {{t: {{}}}}
     # The key went only where the policy says, and only as often as the policy allows.
     assert 1 <= primary.hits <= 2
     assert all(a == "Bearer sk-litellm-secret-abcdef" for a in primary.authorizations)
+
+
+def test_an_upstream_error_that_echoes_the_key_reveals_nothing_through_litellm(
+    tmp_path: Path,
+) -> None:
+    rejecting = serve(400)
+    try:
+        policy = tmp_path / "policy.yaml"
+        policy.write_text(
+            f"""
+upstreams:
+  lt:
+    litellm_model: openai/x
+    api_key_env: LT_KEY
+    litellm_params: {{api_base: "http://127.0.0.1:{rejecting.server_port}/v1"}}
+models:
+  m: {{upstream: lt}}
+auth: {{unknown_keys: default, default_tenant: t}}
+tenants: {{t: {{}}}}
+"""
+        )
+        app = create_app(
+            Settings(policy=policy, handle_signals=False, reload_interval_seconds=0),
+            registry=CollectorRegistry(),
+            env={"LT_KEY": "sk-litellm-secret-abcdef"},
+        )
+        with TestClient(app, raise_server_exceptions=False) as client:
+            r = client.post(
+                "/v1/chat/completions",
+                json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+            )
+        assert rejecting.hits >= 1  # the upstream did echo the key back
+        assert r.status_code == 400, r.text
+        assert "litellm-secret" not in r.text and "sk-litellm" not in r.text
+        assert "Invalid key provided" in r.json()["error"]["message"]
+        assert "litellm." not in r.json()["error"]["message"]  # no internal exception prefix
+    finally:
+        rejecting.shutdown()
+        rejecting.server_close()

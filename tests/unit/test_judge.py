@@ -116,3 +116,42 @@ def test_a_response_and_its_stream_give_the_same_evidence() -> None:
     assert pieces.choices[0].text == whole.choices[0].text == "Paris"
     assert pieces.choices[0].scores == whole.choices[0].scores
     assert judge_call(pieces, rule())[0].confidence == judge_call(whole, rule())[0].confidence
+
+
+def test_a_streamed_stop_string_does_not_change_the_scores() -> None:
+    # llama-server streams the stop string's tokens with empty text; its complete answers
+    # leave them out. The same answer must score the same either way.
+    toks = [
+        {"token": "Lima", "logprob": -0.3, "top_logprobs": [{"token": "Lima", "logprob": -0.3}]}
+    ]
+    stop = {"token": "", "logprob": -0.01, "top_logprobs": [{"token": "", "logprob": -0.01}]}
+    whole = from_response(
+        "chat",
+        {"choices": [{"index": 0, "message": {"content": "Lima"}, "logprobs": {"content": toks}}]},
+        json_mode=False,
+    )
+    stream = StreamEvidence("chat")
+    stream.add({"index": 0, "delta": {"content": "Lima"}, "logprobs": {"content": toks}})
+    stream.add(
+        {
+            "index": 0,
+            "delta": {"content": ""},
+            "logprobs": {"content": [stop]},
+            "finish_reason": "stop",
+        }
+    )
+    assert stream.evidence(json_mode=False).choices[0].scores == whole.choices[0].scores
+    # cut by length, an empty token is held-back text: it stays
+    held = StreamEvidence("chat")
+    held.add({"index": 0, "delta": {"content": "Lima"}, "logprobs": {"content": toks}})
+    held.add({"index": 0, "delta": {}, "logprobs": {"content": [stop]}, "finish_reason": "length"})
+    assert held.evidence(json_mode=False).choices[0].scores["log_length"] > 0
+
+
+def test_completions_in_the_chat_shape_are_trimmed_to_the_clients_ask() -> None:
+    from proxy.protocol import trim_top_logprobs
+
+    alts = [{"token": t, "logprob": -i} for i, t in enumerate("abcde")]
+    logprobs = {"content": [{"token": "a", "logprob": 0.0, "top_logprobs": list(alts)}]}
+    trim_top_logprobs("completions", logprobs, 2)
+    assert [a["token"] for a in logprobs["content"][0]["top_logprobs"]] == ["a", "b"]

@@ -1,0 +1,372 @@
+"""Online recalibration: feedback labels in, a recalibration swapped in, per tenant and model.
+
+Two parts:
+
+* :class:`RecalibrationStore`, the one interface to where labels and the map in
+  service live, with :class:`MemoryStore` (lost at exit) and :class:`FileStore` (one
+  JSON Lines file per tenant and model in a directory, so it survives a restart). A
+  shared store (Redis, for several replicas) implements the same five methods.
+* :class:`OnlineRecalibration`, which the pipeline and the feedback handler call: it
+  hands the judge the map in service, turns feedback into labels, and refits in the
+  background (:func:`asyncio.to_thread`: a fit never blocks a request) when a rule's
+  ``recalibrate_*`` settings say so. The fitting and the swap rule are
+  :mod:`proxy.confidence.recalibration`.
+
+A label is the **shipped** calibration's P(correct) for the answer and whether it was
+right, never the recalibrated confidence the client saw: each fit starts again from the
+shipped map, so maps do not stack. The pipeline remembers, for answers judged under a
+recalibration, the shipped P(correct) behind each confidence it returned (bounded like
+the decision log's memory, per process); feedback looks it up there.
+
+Where the file store lives: ``ABSTAIN_RECALIBRATION_DIR``; unset, the directory
+``recalibration/`` beside the decision log (``ABSTAIN_DECISION_LOG``); with neither (or
+a decision log on standard output) labels and maps are kept in memory only.
+
+File format (``<dir>/<tenant>@<model>.jsonl``, both names percent-encoded), append only::
+
+    {"type": "label", "base": 0.83, "correct": false, "time": "2026-12-01T10:00:00Z"}
+    {"type": "recalibration", "slope": 0.71, "intercept": -0.9, "version": 1, "n": 100, ...}
+
+The last ``recalibration`` line is the map in service. A torn last line (a crash while
+writing) is skipped when the file is read. One process writes a directory; several
+workers or replicas need a shared store.
+
+For a shared (Redis) store: implement :class:`RecalibrationStore` (labels as a list per
+key, the map as one value swapped with a version check, ``current`` served from a local
+cache refreshed on swap or on a short timer) and pass it to :class:`OnlineRecalibration`
+in ``proxy.app``. Two things stay per process and would need the shared memory of the
+remembered responses to be exact across pods: the shipped P(correct) behind each
+returned confidence (:meth:`OnlineRecalibration.judged`; a feedback reaching another pod
+falls back to the returned confidence), and which label count last triggered a refit
+(each pod may refit; the compare-and-swap keeps one winner per version).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import urllib.parse
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import orjson
+
+from proxy.confidence.recalibration import Recalibration, RecalibrationRule, refit
+from proxy.metrics import Metrics
+from proxy.settings import Settings
+from proxy.verdict import Verdict
+
+log = logging.getLogger("abstain.recalibration")
+
+#: Labels of one tenant and model kept in memory (the file keeps every one).
+MEMORY_LABELS = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    """One feedback label: the shipped calibration's P(correct), and whether it was right."""
+
+    base: float
+    correct: bool
+    time: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {"type": "label", "base": self.base, "correct": self.correct, "time": self.time}
+
+
+class RecalibrationStore(Protocol):
+    """Where labels and the map in service live, per (tenant, model).
+
+    ``current`` and ``known`` are called on the request path: they must not wait on I/O
+    (keep a cache, refreshed on :meth:`swap` and however else the backend learns of
+    another writer's swap). The others are awaited off the request path.
+    """
+
+    async def add_label(self, tenant: str, model: str, label: Label) -> int:
+        """Append a label; returns how many labels (tenant, model) has now."""
+        ...
+
+    async def labels(self, tenant: str, model: str, limit: int | None = None) -> list[Label]:
+        """The labels in arrival order, oldest first; only the newest ``limit`` when given."""
+        ...
+
+    def current(self, tenant: str, model: str) -> Recalibration | None:
+        """The map in service, or None (the shipped calibration answers)."""
+        ...
+
+    async def swap(self, tenant: str, model: str, new: Recalibration) -> bool:
+        """Put ``new`` in service iff ``new.version`` is one past the current version
+        (0 without one): a compare-and-swap, so two writers cannot both swap. Returns
+        whether it was swapped in."""
+        ...
+
+    def known(self) -> list[tuple[str, str]]:
+        """Every (tenant, model) with labels or a map."""
+        ...
+
+
+@dataclass(slots=True)
+class _Entry:
+    labels: deque[Label]
+    count: int = 0
+    current: Recalibration | None = None
+
+
+class MemoryStore:
+    """Labels and maps in this process's memory: gone at exit."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], _Entry] = {}
+        self._lock = threading.Lock()
+
+    def _entry(self, tenant: str, model: str) -> _Entry:
+        key = (tenant, model)
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = _Entry(deque(maxlen=MEMORY_LABELS))
+        return entry
+
+    def _persist(self, tenant: str, model: str, record: dict[str, object]) -> None:
+        """Where a durable store writes the record (nothing here)."""
+
+    async def add_label(self, tenant: str, model: str, label: Label) -> int:
+        with self._lock:
+            self._persist(tenant, model, label.to_json())
+            entry = self._entry(tenant, model)
+            entry.labels.append(label)
+            entry.count += 1
+            return entry.count
+
+    async def labels(self, tenant: str, model: str, limit: int | None = None) -> list[Label]:
+        with self._lock:
+            entry = self._entries.get((tenant, model))
+            if entry is None:
+                return []
+            found = list(entry.labels)
+        return found[-limit:] if limit is not None and limit < len(found) else found
+
+    def current(self, tenant: str, model: str) -> Recalibration | None:
+        entry = self._entries.get((tenant, model))
+        return None if entry is None else entry.current
+
+    async def swap(self, tenant: str, model: str, new: Recalibration) -> bool:
+        with self._lock:
+            entry = self._entry(tenant, model)
+            version = entry.current.version if entry.current is not None else 0
+            if new.version != version + 1:
+                return False
+            record = {"type": "recalibration", "tenant": tenant, "model": model}
+            self._persist(tenant, model, {**record, **new.to_dict()})
+            entry.current = new
+            return True
+
+    def known(self) -> list[tuple[str, str]]:
+        return sorted(self._entries)
+
+    def count(self, tenant: str, model: str) -> int:
+        entry = self._entries.get((tenant, model))
+        return 0 if entry is None else entry.count
+
+
+def file_name(tenant: str, model: str) -> str:
+    """The file of (tenant, model): both names percent-encoded, so any name is safe."""
+    quote = urllib.parse.quote
+    return f"{quote(tenant, safe='')}@{quote(model, safe='')}.jsonl"
+
+
+def key_of(path: Path) -> tuple[str, str] | None:
+    tenant, sep, model = path.name.removesuffix(".jsonl").partition("@")
+    if not sep:
+        return None
+    return urllib.parse.unquote(tenant), urllib.parse.unquote(model)
+
+
+class FileStore(MemoryStore):
+    """A :class:`MemoryStore` that appends every label and swap to a file, and reads
+    the directory back when it starts (the recalibration survives a restart)."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__()
+        self.directory = directory
+        #: lines that could not be read (a torn write), over every file
+        self.skipped = 0
+        if directory.is_dir():
+            for path in sorted(directory.glob("*.jsonl")):
+                key = key_of(path)
+                if key is not None:
+                    self._load(path, *key)
+
+    def _load(self, path: Path, tenant: str, model: str) -> None:
+        entry = self._entry(tenant, model)
+        skipped = 0
+        for line in path.read_bytes().splitlines():
+            if not line.strip():
+                continue
+            try:
+                data = orjson.loads(line)
+                if data.get("type") == "label":
+                    entry.labels.append(
+                        Label(float(data["base"]), bool(data["correct"]), data.get("time"))
+                    )
+                    entry.count += 1
+                elif data.get("type") == "recalibration":
+                    entry.current = Recalibration.from_dict(data)
+            except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+                skipped += 1
+        if skipped:
+            self.skipped += skipped
+            log.warning("recalibration store %s: skipped %d unreadable line(s)", path, skipped)
+
+    def _persist(self, tenant: str, model: str, record: dict[str, object]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / file_name(tenant, model), "ab") as fh:
+            fh.write(orjson.dumps(record) + b"\n")
+
+
+def store_for(settings: Settings) -> MemoryStore:
+    """The store the settings ask for (see the module text for the defaults)."""
+    directory = settings.recalibration_dir
+    log_path = settings.decision_log
+    if directory is None and log_path is not None and str(log_path) != "-":
+        directory = log_path.parent / "recalibration"
+    return MemoryStore() if directory is None else FileStore(directory)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class OnlineRecalibration:
+    """The maps in service for the judge, and feedback turned into labels and refits."""
+
+    def __init__(
+        self, store: RecalibrationStore, metrics: Metrics | None = None, *, memory: int = 100_000
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self._memory = 2 * memory  # shipped P(correct) per returned confidence
+        self._bases: OrderedDict[tuple[str, str, float], float] = OrderedDict()
+        self._fitting: set[tuple[str, str]] = set()
+        self._last_fit: dict[tuple[str, str], int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        if metrics is not None:
+            for tenant, model in store.known():
+                self._show(tenant, model, store.current(tenant, model))
+
+    def current(self, tenant: str, model: str) -> Recalibration | None:
+        return self.store.current(tenant, model)
+
+    def judged(
+        self, tenant: str, model: str, verdicts: Sequence[Verdict], shipped: Sequence[Verdict]
+    ) -> None:
+        """Remember the shipped P(correct) behind each recalibrated confidence returned."""
+        for v, b in zip(verdicts, shipped, strict=False):
+            if v.confidence is None or b.confidence is None:
+                continue
+            key = (tenant, model, v.confidence)
+            self._bases[key] = b.confidence
+            self._bases.move_to_end(key)
+        while len(self._bases) > self._memory:
+            self._bases.popitem(last=False)
+
+    def shipped_confidence(self, tenant: str, model: str, confidence: float) -> float:
+        """The shipped P(correct) behind a confidence the proxy returned."""
+        return self._bases.get((tenant, model, confidence), confidence)
+
+    async def feedback(
+        self,
+        rule: RecalibrationRule | None,
+        tenant: str,
+        model: str,
+        confidence: float | None,
+        correct: bool,
+    ) -> None:
+        """Store the label of one judged answer; start a refit when one is due."""
+        if rule is None or confidence is None:
+            return
+        label = Label(self.shipped_confidence(tenant, model, confidence), correct, _now())
+        try:
+            n = await self.store.add_label(tenant, model, label)
+        except OSError as exc:  # the feedback itself is recorded; only the label is lost
+            log.error("cannot store a recalibration label for %s/%s: %s", tenant, model, exc)
+            return
+        if self.metrics is not None:
+            self.metrics.recalibration_labels.labels(tenant, model).set(n)
+        key = (tenant, model)
+        due = n >= rule.min_labels and n - self._last_fit.get(key, 0) >= rule.refit_every
+        if due and key not in self._fitting:
+            self._fitting.add(key)
+            self._last_fit[key] = n
+            task = asyncio.get_running_loop().create_task(self._refit(rule, tenant, model))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _refit(self, rule: RecalibrationRule, tenant: str, model: str) -> None:
+        result = "failed"
+        try:
+            labels = await self.store.labels(tenant, model, limit=rule.window)
+            current = self.store.current(tenant, model)
+            outcome = await asyncio.to_thread(
+                refit,
+                [label.base for label in labels],
+                [label.correct for label in labels],
+                current,
+                min_labels=rule.min_labels,
+                holdout=rule.holdout,
+                prior_strength=rule.prior_strength,
+                window=rule.window,
+                fitted_at=_now(),
+            )
+            result = "kept"
+            new = outcome.recalibration if outcome.swapped else None
+            if new is not None and await self.store.swap(tenant, model, new):
+                result = "swapped"
+                log.info(
+                    "recalibration %s for tenant %s, model %s: %s (%s)",
+                    new.version,
+                    tenant,
+                    model,
+                    outcome.reason,
+                    outcome.evidence,
+                )
+                if self.metrics is not None:
+                    self.metrics.recalibration_swaps.labels(tenant, model).inc()
+                    self._show(tenant, model, new, current)
+        except Exception:
+            log.exception("recalibration refit failed for tenant %s, model %s", tenant, model)
+        finally:
+            self._fitting.discard((tenant, model))
+            if self.metrics is not None:
+                self.metrics.recalibration_refits.labels(tenant, model, result).inc()
+
+    def _show(
+        self,
+        tenant: str,
+        model: str,
+        now: Recalibration | None,
+        before: Recalibration | None = None,
+    ) -> None:
+        assert self.metrics is not None
+        info = self.metrics.recalibration_info
+        if before is not None:
+            info.labels(tenant, model, str(before.version)).set(0)
+        if now is not None:
+            info.labels(tenant, model, str(now.version)).set(1)
+        count = getattr(self.store, "count", None)
+        if callable(count):
+            self.metrics.recalibration_labels.labels(tenant, model).set(count(tenant, model))
+
+    async def idle(self) -> None:
+        """Wait for the refits in flight (tests; shutdown)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.idle(), timeout=5.0)
