@@ -6,7 +6,8 @@
 #   docker build --target demo -t abstain-proxy:0.1.0-demo .      # + the local reference model
 #
 # The install steps are the project's tested ones (Makefile): `pip install` of the
-# package, with the [local] extra and the same CMAKE_ARGS for the demo image.
+# package; for the demo image the [local] extra and llama-server compiled by
+# `python -m proxy.local_build` with the same CMAKE_ARGS.
 # tests/deploy/test_manifests.py checks that they stay the same.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
@@ -26,7 +27,7 @@ RUN pip install --no-cache-dir .
 
 # ---------------------------------------------------------------- build (demo model)
 FROM build AS build-demo
-# A compiler for llama.cpp; it stays in this stage and never reaches an image.
+# A compiler for llama.cpp's llama-server; it stays in this stage and never reaches an image.
 # Debian's versions are pinned by the base image's release, hence no version pins.
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -38,6 +39,11 @@ ENV CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DG
 # The project itself with an extra, not a registry package: its pins live in pyproject.toml.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[local]"
+# llama-server from the llama.cpp sources in llama-cpp-python's sdist (MIT), static, into
+# the virtualenv's bin; the layer is the build cache. A step of its own, so that the
+# install line stays the tested one (tests/deploy/test_manifests.py).
+# hadolint ignore=DL3059
+RUN python -m proxy.local_build --prefix /opt/abstain/bin --no-cache
 
 # -------------------------------------------------------------------------- runtime
 FROM ${PYTHON_IMAGE} AS runtime
@@ -67,11 +73,11 @@ HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
 ENTRYPOINT ["abstain", "serve"]
 
 # ----------------------------------------------------------------------------- demo
-# The proxy plus Gemma 3 270M served by llama-cpp-python: `docker run -p 8080:8080`
+# The proxy plus Gemma 3 270M served by llama.cpp's llama-server: `docker run -p 8080:8080`
 # starts both (`abstain up`), and the compose file runs the model alone from it.
 FROM runtime AS demo
 USER 0
-# llama.cpp's OpenMP runtime.
+# llama-server's OpenMP runtime (the rest of it is linked in statically).
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libgomp1 \

@@ -6,6 +6,7 @@
     abstain up [--policy FILE]                          local model + proxy, one command
     abstain local-model [--port P]                      only the local model server
     abstain check-policy FILE                           validate a policy file
+    abstain recalibration show|export --dir D ...       what was learnt from feedback
     abstain calibrate ... / abstain eval ...            see proxy.evaluation.commands
 """
 
@@ -13,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -103,9 +106,107 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
         return 1
     tenants = len(policy.spec.tenants)
     print(f"{args.file}: OK ({len(policy.model_names)} models, {tenants} tenants)")
+    for line in policy.risk_report():
+        print(f"{args.file}: {line}")
     for warning in policy.warnings():
         print(f"{args.file}: warning: {warning}")
     return 0
+
+
+def cmd_recalibration_show(args: argparse.Namespace) -> int:
+    """Every tenant and model in a recalibration directory: labels, the map in service."""
+    from proxy.recalibration_store import FileStore
+
+    if not args.dir.is_dir():
+        print(f"{args.dir}: no such directory", file=sys.stderr)
+        return 1
+    store = FileStore(args.dir)
+    keys = store.known()
+    if not keys:
+        print(f"{args.dir}: no labels and no recalibration yet")
+    for tenant, model in keys:
+        labels = asyncio.run(store.labels(tenant, model))
+        right = sum(1 for lab in labels if lab.correct)
+        mean = sum(lab.base for lab in labels) / len(labels) if labels else float("nan")
+        print(
+            f"tenant {tenant}, model {model}: {store.count(tenant, model)} labels "
+            f"({right} correct; mean shipped P(correct) {mean:.3f})"
+        )
+        current = store.current(tenant, model)
+        if current is None:
+            print("  in service: the shipped calibration (no recalibration swapped in)")
+        else:
+            print(
+                f"  in service: recalibration {current.version} (fitted {current.fitted_at} on "
+                f"{current.n} labels): P = sigmoid({current.slope:.4f} * logit(p_shipped) "
+                f"{current.intercept:+.4f})"
+            )
+            print(f"  held-out evidence: {json.dumps(dict(current.evidence), sort_keys=True)}")
+    if store.skipped:
+        print(f"warning: {store.skipped} unreadable line(s) skipped")
+    return 0
+
+
+def cmd_recalibration_export(args: argparse.Namespace) -> int:
+    """The shipped calibration with a tenant's recalibration folded in, as a calibration file."""
+    from proxy.confidence.calibration import CalibrationError, load_calibration
+    from proxy.confidence.recalibration import compose
+    from proxy.recalibration_store import FileStore
+
+    store = FileStore(args.dir)
+    current = store.current(args.tenant, args.model)
+    if current is None:
+        where = f"tenant {args.tenant}, model {args.model}"
+        print(f"no recalibration for {where} in {args.dir}", file=sys.stderr)
+        return 1
+    try:
+        if args.calibration is not None:
+            base = load_calibration(args.calibration)
+        else:
+            rule = load_policy(args.policy).rule(args.tenant, args.model)
+            if rule.calibration is None:
+                where = f"tenant {args.tenant}, model {args.model}"
+                print(f"{args.policy}: no calibration for {where}; give --calibration",
+                      file=sys.stderr)  # fmt: skip
+                return 1
+            base = rule.calibration
+    except (PolicyError, CalibrationError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    composed = compose(base, current)
+    learnt = {"tenant": args.tenant, "model": args.model, **current.to_dict()}
+    fitted_on = {**composed.fitted_on, "recalibration": learnt}
+    dataclasses.replace(composed, fitted_on=fitted_on).save(args.out)
+    print(
+        f"wrote {args.out}: the shipped calibration with recalibration {current.version} "
+        f"of tenant {args.tenant}, model {args.model}"
+    )
+    return 0
+
+
+def _add_recalibration_commands(sub: Any) -> None:
+    recal = sub.add_parser(
+        "recalibration", help="inspect and export the recalibrations learnt from feedback"
+    )
+    actions = recal.add_subparsers(dest="action", required=True)
+    show = actions.add_parser("show", help="labels and the map in service, per tenant and model")
+    show.add_argument("--dir", type=Path, required=True, help="the recalibration directory")
+    show.set_defaults(func=cmd_recalibration_show)
+    export = actions.add_parser(
+        "export", help="write a tenant's recalibrated map as an ordinary calibration file"
+    )
+    export.add_argument("--dir", type=Path, required=True, help="the recalibration directory")
+    export.add_argument("--tenant", required=True)
+    export.add_argument("--model", required=True)
+    export.add_argument(
+        "--policy",
+        type=Path,
+        default=DEFAULT_POLICY,
+        help="the policy naming the shipped calibration (default %(default)s)",
+    )
+    export.add_argument("--calibration", type=Path, help="the shipped calibration file itself")
+    export.add_argument("--out", type=Path, required=True)
+    export.set_defaults(func=cmd_recalibration_export)
 
 
 def _banner(host: str, port: int, model: str) -> str:
@@ -131,8 +232,16 @@ Metrics: http://{host}:{port}/metrics    Press Ctrl-C to stop.
 def cmd_up(args: argparse.Namespace) -> int:
     import uvicorn
 
-    print(f"starting the local model ({local_model.MODEL_ALIAS}) on port {args.model_port} ...")
-    proc = local_model.start(args.model_port)
+    threads = args.threads or local_model.default_threads()
+    print(
+        f"starting the local model ({local_model.MODEL_ALIAS}) on port {args.model_port}: "
+        f"{threads} threads, {args.slots} parallel slots ..."
+    )
+    try:
+        proc = local_model.start(args.model_port, threads=threads, slots=args.slots)
+    except local_model.LocalModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     try:
         local_model.wait_ready(f"http://127.0.0.1:{args.model_port}/v1", proc)
         app = _build_app(args.policy, args.host, args.port)
@@ -162,8 +271,31 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_local_model(args: argparse.Namespace) -> int:
-    os.execv(sys.executable, local_model.server_command(args.port, args.host))
+    try:
+        cmd = local_model.server_command(
+            args.port, args.host, args.threads, slots=args.slots, context=args.context
+        )
+    except local_model.LocalModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    os.execv(cmd[0], cmd)
     return 0  # pragma: no cover - execv does not return
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The local model server's flags, shared by ``up`` and ``local-model``."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help=f"CPU threads for the model (default: this machine's cores, "
+        f"{local_model.default_threads()} here)",
+    )
+    parser.add_argument(
+        "--slots",
+        type=int,
+        default=local_model.DEFAULT_SLOTS,
+        help="requests the model decodes in parallel (default: %(default)s)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,16 +327,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="must match the policy's base_url",
     )
     up.add_argument("--log-level", default="warning")
+    _add_model_args(up)
     up.set_defaults(func=cmd_up)
 
     local = sub.add_parser("local-model", help="run only the local reference model server")
     local.add_argument("--host", default="127.0.0.1")
     local.add_argument("--port", type=int, default=local_model.DEFAULT_PORT)
+    _add_model_args(local)
+    local.add_argument(
+        "--context",
+        type=int,
+        default=local_model.DEFAULT_CONTEXT,
+        help="tokens of context per slot (default: %(default)s)",
+    )
     local.set_defaults(func=cmd_local_model)
 
     check = sub.add_parser("check-policy", help="validate a policy file")
     check.add_argument("file", type=Path)
     check.set_defaults(func=cmd_check_policy)
+
+    _add_recalibration_commands(sub)
 
     if importlib.util.find_spec("proxy.evaluation.commands"):
         from proxy.evaluation.commands import add_commands

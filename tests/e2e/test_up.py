@@ -58,6 +58,20 @@ def test_up_starts_both_prints_the_base_url_and_stops_both_on_ctrl_c(tmp_path: P
         )  # fmt: skip
         assert "Paris" in r.choices[0].text
         assert r.model_extra["abstention"]["decision"] == "answer"
+        # The README's first request: a question the model cannot know is abstained.
+        r = client.completions.create(
+            model=local_model.MODEL_ALIAS, max_tokens=16, stop=["\n"], temperature=0,
+            prompt="Q: What is the capital of Italy?\nA: Rome\nQ: Who discovered hafnium?\nA:",
+        )  # fmt: skip
+        assert r.choices[0].text == "I don't know."
+        assert r.model_extra["abstention"]["decision"] == "abstain"
+        # A chat question gets the base model's answer, judged.
+        chat = client.chat.completions.create(
+            model=local_model.MODEL_ALIAS, max_tokens=16, temperature=0,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+        )  # fmt: skip
+        assert "Paris" in (chat.choices[0].message.content or "")
+        assert chat.model_extra["abstention"]["confidence"] is not None
         os.kill(proc.pid, signal.SIGINT)
         assert proc.wait(30) == 0
     finally:

