@@ -152,10 +152,11 @@ def test_the_shipped_calibration_records_its_reference_and_its_source() -> None:
     cal = load_calibration(SHIPPED)
     assert cal.reference is not None
     assert set(cal.reference.inputs) == set(cal.inputs)
-    assert "facts-extra" in cal.reference.source
+    # Written by `abstain calibrate` from the answers it was fitted on.
+    assert cal.fitted_on["dataset"] in cal.reference.source
     for ref in cal.reference.inputs.values():
         assert sum(ref.shares) == pytest.approx(1.0, abs=1e-4)
-        assert ref.n == 549
+        assert ref.n == cal.fitted_on["n"] == 548
 
 
 def test_calibrate_builds_the_reference_over_rows_that_have_every_input() -> None:
