@@ -88,7 +88,7 @@ def client_top_logprobs(kind: Kind, body: dict[str, Any]) -> int | None:
     return top if isinstance(top, int) and not isinstance(top, bool) and top > 0 else 0
 
 
-def trim_top_logprobs(kind: Kind, logprobs: Any, k: int) -> None:
+def trim_top_logprobs(logprobs: Any, k: int) -> None:
     """Cut each token's alternatives to the ``k`` the client asked for (in place).
 
     The proxy may ask the upstream for more alternatives than the client did (its

@@ -47,7 +47,7 @@ def rewrite_response(
         if not keep_logprobs and "logprobs" in choice:
             choice["logprobs"] = None
         elif top_k is not None:
-            trim_top_logprobs(kind, choice.get("logprobs"), top_k)
+            trim_top_logprobs(choice.get("logprobs"), top_k)
         choice["abstention"] = verdict.to_dict()
     if verdicts:
         response["abstention"] = choices[0]["abstention"]

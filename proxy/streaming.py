@@ -179,7 +179,7 @@ async def _relay(pipeline: Pipeline, call: Call, upstream: UpstreamStream) -> As
                     if not keep_logprobs and choice.get("logprobs") is not None:
                         choice["logprobs"] = None
                     elif top_k is not None:
-                        trim_top_logprobs(call.kind, choice.get("logprobs"), top_k)
+                        trim_top_logprobs(choice.get("logprobs"), top_k)
             last = chunk
             yield sse(chunk)
             if ttfb is None:

@@ -153,5 +153,5 @@ def test_completions_in_the_chat_shape_are_trimmed_to_the_clients_ask() -> None:
 
     alts = [{"token": t, "logprob": -i} for i, t in enumerate("abcde")]
     logprobs = {"content": [{"token": "a", "logprob": 0.0, "top_logprobs": list(alts)}]}
-    trim_top_logprobs("completions", logprobs, 2)
+    trim_top_logprobs(logprobs, 2)
     assert [a["token"] for a in logprobs["content"][0]["top_logprobs"]] == ["a", "b"]
