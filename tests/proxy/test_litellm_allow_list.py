@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -72,6 +73,32 @@ def serve(status: int) -> Counting:
     return server
 
 
+KEY = "sk-litellm-secret-abcdef"
+
+
+def litellm_app(tmp_path: Path, upstream: Counting) -> Any:
+    """The proxy with one litellm upstream at ``upstream``, its key in the environment."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        f"""
+upstreams:
+  lt:
+    litellm_model: openai/x
+    api_key_env: LT_KEY
+    litellm_params: {{api_base: "http://127.0.0.1:{upstream.server_port}/v1", max_retries: 0}}
+models:
+  m: {{upstream: lt}}
+auth: {{unknown_keys: default, default_tenant: t}}
+tenants: {{t: {{}}}}
+"""
+    )
+    return create_app(
+        Settings(policy=policy, handle_signals=False, reload_interval_seconds=0),
+        registry=CollectorRegistry(),
+        env={"LT_KEY": KEY},
+    )
+
+
 @pytest.fixture
 def servers() -> Iterator[tuple[Counting, Counting]]:
     primary, attacker = serve(500), serve(200)
@@ -86,25 +113,7 @@ def test_client_fields_cannot_send_the_key_elsewhere(
 ) -> None:
     primary, attacker = servers
     attacker_url = f"http://127.0.0.1:{attacker.server_port}/v1"
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(
-        f"""
-upstreams:
-  lt:
-    litellm_model: openai/x
-    api_key_env: LT_KEY
-    litellm_params: {{api_base: "http://127.0.0.1:{primary.server_port}/v1", max_retries: 0}}
-models:
-  m: {{upstream: lt}}
-auth: {{unknown_keys: default, default_tenant: t}}
-tenants: {{t: {{}}}}
-"""
-    )
-    app = create_app(
-        Settings(policy=policy, handle_signals=False, reload_interval_seconds=0),
-        registry=CollectorRegistry(),
-        env={"LT_KEY": "sk-litellm-secret-abcdef"},
-    )
+    app = litellm_app(tmp_path, primary)
     body = {
         "model": "m",
         "messages": [{"role": "user", "content": "hi"}],
@@ -122,7 +131,7 @@ tenants: {{t: {{}}}}
     assert "forged" not in r.text
     # The key went only where the policy says, and only as often as the policy allows.
     assert 1 <= primary.hits <= 2
-    assert all(a == "Bearer sk-litellm-secret-abcdef" for a in primary.authorizations)
+    assert all(a == f"Bearer {KEY}" for a in primary.authorizations)
 
 
 def test_an_upstream_error_that_echoes_the_key_reveals_nothing_through_litellm(
@@ -130,25 +139,7 @@ def test_an_upstream_error_that_echoes_the_key_reveals_nothing_through_litellm(
 ) -> None:
     rejecting = serve(400)
     try:
-        policy = tmp_path / "policy.yaml"
-        policy.write_text(
-            f"""
-upstreams:
-  lt:
-    litellm_model: openai/x
-    api_key_env: LT_KEY
-    litellm_params: {{api_base: "http://127.0.0.1:{rejecting.server_port}/v1"}}
-models:
-  m: {{upstream: lt}}
-auth: {{unknown_keys: default, default_tenant: t}}
-tenants: {{t: {{}}}}
-"""
-        )
-        app = create_app(
-            Settings(policy=policy, handle_signals=False, reload_interval_seconds=0),
-            registry=CollectorRegistry(),
-            env={"LT_KEY": "sk-litellm-secret-abcdef"},
-        )
+        app = litellm_app(tmp_path, rejecting)
         with TestClient(app, raise_server_exceptions=False) as client:
             r = client.post(
                 "/v1/chat/completions",
