@@ -38,6 +38,7 @@ from proxy.upstream.base import ResponseCaps
 from proxy.upstream.pool import UpstreamPool
 
 if TYPE_CHECKING:
+    from proxy.shared_state.redis_recalibration import RedisRecalibrationStore
     from proxy.shared_state.redis_state import RedisState
 
 log = logging.getLogger("abstain")
@@ -108,7 +109,9 @@ def create_app(
     )
     recorder = Recorder(metrics, decisions)
     recalibration = OnlineRecalibration(
-        recalibration_store(settings), metrics, memory=settings.feedback_memory
+        recalibration_store(settings, _redis_recalibration(settings, shared)),
+        metrics,
+        memory=settings.feedback_memory,
     )
 
     @contextlib.asynccontextmanager
@@ -116,6 +119,7 @@ def create_app(
         nonlocal upstreams
         if shared is not None:
             await shared.start()  # the Redis client belongs to this loop
+            await recalibration.start()  # the shared maps, loaded before the first request
         client = _http_client(settings, transport)
         caps = ResponseCaps(
             max_response_bytes=settings.max_upstream_response_bytes,
@@ -200,6 +204,17 @@ def _shared_state(
     )
     memory = RedisFeedbackMemory(shared, ttl_seconds=settings.feedback_ttl_seconds)
     return shared, memory, RedisLimiter(shared, lease_seconds=settings.redis_lease_seconds)
+
+
+def _redis_recalibration(
+    settings: Settings, shared: RedisState | None
+) -> RedisRecalibrationStore | None:
+    """With Redis: the recalibration store every pod shares (labels, the map in service)."""
+    if shared is None:
+        return None
+    from proxy.shared_state.redis_recalibration import RedisRecalibrationStore
+
+    return RedisRecalibrationStore(shared, max_labels=settings.redis_recalibration_labels)
 
 
 async def _proxy_error(_request: Request, exc: Exception) -> Response:

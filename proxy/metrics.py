@@ -181,7 +181,8 @@ class Metrics:
             "abstain_shared_state_errors",
             "Redis calls that failed, timed out, or were skipped while backing off after a "
             "failure, by operation (limit_acquire, limit_release, feedback_remember, "
-            "feedback_lookup, feedback_claim).",
+            "feedback_lookup, feedback_claim, recalibration_label, recalibration_read, "
+            "recalibration_swap, recalibration_refresh).",
             ["operation"],
             registry=r,
         )

@@ -31,14 +31,15 @@ The last ``recalibration`` line is the map in service. A torn last line (a crash
 writing) is skipped when the file is read. One process writes a directory; several
 workers or replicas need a shared store.
 
-For a shared (Redis) store: implement :class:`RecalibrationStore` (labels as a list per
-key, the map as one value swapped with a version check, ``current`` served from a local
-cache refreshed on swap or on a short timer) and pass it to :class:`OnlineRecalibration`
-in ``proxy.app``. Two things stay per process and would need the shared memory of the
-remembered responses to be exact across pods: the shipped P(correct) behind each
-returned confidence (:meth:`OnlineRecalibration.judged`; a feedback reaching another pod
-falls back to the returned confidence), and which label count last triggered a refit
-(each pod may refit; the compare-and-swap keeps one winner per version).
+With ``ABSTAIN_REDIS_URL`` the store is
+:class:`proxy.shared_state.redis_recalibration.RedisRecalibrationStore` (labels as a list
+per key, the map as one value swapped with a version check, ``current`` served from a
+local copy polled every second), shared by every pod. Two things stay per process and
+would need the shared memory of the remembered responses to be exact across pods: the
+shipped P(correct) behind each returned confidence (:meth:`OnlineRecalibration.judged`;
+a feedback reaching another pod falls back to the returned confidence), and which label
+count last triggered a refit (each pod may refit; the compare-and-swap keeps one winner
+per version).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ import orjson
 from proxy.confidence.recalibration import Recalibration, RecalibrationRule, refit
 from proxy.metrics import Metrics
 from proxy.settings import Settings
+from proxy.shared_state.memory import SharedStateUnavailable
 from proxy.verdict import Verdict
 
 log = logging.getLogger("abstain.recalibration")
@@ -229,8 +231,21 @@ class FileStore(MemoryStore):
             fh.write(orjson.dumps(record) + b"\n")
 
 
-def store_for(settings: Settings) -> MemoryStore:
-    """The store the settings ask for (see the module text for the defaults)."""
+def store_for(settings: Settings, shared: RecalibrationStore | None = None) -> RecalibrationStore:
+    """The store the settings ask for (see the module text for the defaults).
+
+    With ``ABSTAIN_REDIS_URL``, ``shared`` is the Redis store
+    (:class:`proxy.shared_state.redis_recalibration.RedisRecalibrationStore`), built by
+    :mod:`proxy.app` beside the other Redis pieces (it imports this module, so it is not
+    built here), and it is used instead of any directory: every pod then reads and
+    writes the same labels and maps.
+    """
+    if shared is not None:
+        if settings.recalibration_dir is not None:
+            log.warning("ABSTAIN_RECALIBRATION_DIR is ignored: with Redis, labels live there")
+        return shared
+    if settings.redis_url is not None:
+        raise ValueError("ABSTAIN_REDIS_URL is set: pass the Redis recalibration store")
     directory = settings.recalibration_dir
     log_path = settings.decision_log
     if directory is None and log_path is not None and str(log_path) != "-":
@@ -299,6 +314,8 @@ class OnlineRecalibration:
         if self.metrics is not None:
             self.metrics.recalibration_labels.labels(tenant, model).set(n)
         key = (tenant, model)
+        if n < self._last_fit.get(key, 0):  # the store lost labels (a Redis restarted empty)
+            self._last_fit[key] = 0
         due = n >= rule.min_labels and n - self._last_fit.get(key, 0) >= rule.refit_every
         if due and key not in self._fitting:
             self._fitting.add(key)
@@ -338,6 +355,8 @@ class OnlineRecalibration:
                 if self.metrics is not None:
                     self.metrics.recalibration_swaps.labels(tenant, model).inc()
                     self._show(tenant, model, new, current)
+        except SharedStateUnavailable:  # Redis: counted and logged by the shared state
+            result = "failed"
         except Exception:
             log.exception("recalibration refit failed for tenant %s, model %s", tenant, model)
         finally:
@@ -367,6 +386,17 @@ class OnlineRecalibration:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
+    async def start(self) -> None:
+        """Start the store's own background work, if it has any (the Redis store loads
+        the shared maps, then keeps its copy fresh)."""
+        start = getattr(self.store, "start", None)
+        if callable(start):
+            await start()
+
     async def aclose(self) -> None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.idle(), timeout=5.0)
+        close = getattr(self.store, "aclose", None)
+        if callable(close):
+            with contextlib.suppress(Exception):
+                await close()

@@ -59,8 +59,8 @@ class Settings(BaseSettings):
     #: tenants and show their traffic, which not every client should see
     metrics_token: SecretStr | None = None
     #: Redis shared by every pod and worker (``redis://[user:password@]host:port/db``,
-    #: ``rediss://`` for TLS): feedback memory and per-tenant limits. Unset keeps both in
-    #: this process's memory. Credentials belong here (the environment), never in the policy.
+    #: ``rediss://`` for TLS): feedback memory, per-tenant limits and recalibration. Unset
+    #: keeps them in this process. Credentials belong here (the environment), never in the policy.
     redis_url: SecretStr | None = None
     #: seconds any one Redis call may take; past it the call counts as failed (limits
     #: fall back to this process, feedback answers 503)
@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     feedback_ttl_seconds: int = Field(86_400, ge=1)
     #: with Redis: the longest a concurrency slot is held if its pod dies before releasing it
     redis_lease_seconds: float = Field(600.0, gt=0)
+    #: with Redis: recalibration labels kept per tenant and model (the newest; a rule's
+    #: recalibrate_window above this reads only these). About 60 bytes of Redis each.
+    redis_recalibration_labels: int = Field(10_000, ge=20, le=1_000_000)
 
 
 def environment() -> Mapping[str, str]:

@@ -39,7 +39,10 @@ def make_app(token_delay: float = 0.0) -> web.Application:
         if model == "slow":
             await asyncio.sleep(float(body.get("x_sleep", 2.0)))
         if not body.get("stream"):
-            return web.json_response(completion(kind, body))
+            answer = completion(kind, body)
+            if isinstance(body.get("x_id"), str):  # a test that needs distinct response ids
+                answer["id"] = body["x_id"]
+            return web.json_response(answer)
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
         delay = float(body.get("x_token_delay", token_delay))

@@ -114,12 +114,15 @@ class RedisState:
         *,
         during_backoff: bool = False,
         also: Sequence[str] = (),
+        timeout: float | None = None,
     ) -> T:
         """``call(client)`` within the deadline, or :class:`SharedStateUnavailable`.
 
         ``during_backoff`` tries even while backing off (for work off the request path,
         such as releasing a concurrency slot, whose loss would hold the slot until its TTL).
         ``also`` names more operations the call carries, each counted when it fails.
+        ``timeout`` replaces the deadline, for background reads whose reply is large (the
+        labels a refit reads): never for a call a request waits on.
         """
         if self.client is None or (not during_backoff and time.monotonic() < self._down_until):
             # Not tried, but not done either: counted, so the counter shows what was affected.
@@ -127,7 +130,7 @@ class RedisState:
                 self.metrics.shared_state_errors.labels(name).inc()
             raise SharedStateUnavailable(UNAVAILABLE, retry_after=self.retry_seconds)
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.timeout if timeout is None else timeout):
                 result = await call(self.client)
         except Exception as exc:  # RedisError, OSError, TimeoutError, a bad reply
             for name in also:

@@ -52,7 +52,9 @@ def ask(base: str) -> tuple[int, dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def proxy(policy: Path, redis_url: str, log: Path) -> Iterator[str]:
+def proxy(
+    policy: Path, redis_url: str, log: Path, extra: dict[str, str] | None = None
+) -> Iterator[str]:
     port = free_port()
     env = {
         "ABSTAIN_POLICY": str(policy),
@@ -61,6 +63,7 @@ def proxy(policy: Path, redis_url: str, log: Path) -> Iterator[str]:
         "ABSTAIN_LOG_LEVEL": "warning",
         "ABSTAIN_REDIS_URL": redis_url,
         "ABSTAIN_REDIS_RETRY_SECONDS": "0.2",
+        **(extra or {}),
     }
     base = f"http://127.0.0.1:{port}"
     with running([*abstain_command(), "serve"], log, f"{base}/readyz", env):
