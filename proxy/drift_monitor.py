@@ -127,7 +127,13 @@ class DriftMonitor:
         reference = calibration.reference if calibration is not None else None
         if reference is None or not reference.inputs or not verdict.calibrated:
             return
-        if verdict.decision == "unjudged" or not verdict.scores:
+        # A calibration of sentences has a reference of sentences: each part is counted.
+        inputs = (
+            [p.scores for p in verdict.sentences if p.decision != "unjudged" and p.scores]
+            if verdict.sentences is not None
+            else [verdict.scores]
+        )
+        if verdict.decision == "unjudged" or not any(inputs):
             return
         key = (tenant, model)
         win = self._windows.get(key)
@@ -135,7 +141,8 @@ class DriftMonitor:
             if win is not None:
                 self._clear(tenant, model, win.names)
             win = self._windows[key] = _Window(reference, self.window)
-        win.add(verdict.scores)
+        for scores in inputs:
+            win.add(scores)
         self._export(tenant, model, win)
 
     def reading(self, tenant: str, model: str) -> DriftReading | None:

@@ -18,10 +18,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.confidence.consistency import Agreement
-from proxy.confidence.logprobs import MalformedLogprobs, scores_from_tokens, token_logprobs
+from proxy.confidence.logprobs import (
+    MalformedLogprobs,
+    scores_from_tokens,
+    token_logprobs,
+    token_texts,
+)
+from proxy.confidence.shift_scores import question_words, text_scores
 from proxy.errors import UpstreamMalformed
 from proxy.protocol import Kind, choice_text, choices_of, is_tool_call
 from proxy.sampling.draw import SamplingResult
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """One answer's scored tokens: their texts, logprobs and top-k lists, aligned.
+
+    Kept only for rules judged sentence by sentence, which score each sentence on its
+    own tokens; ``tops`` holds one list per token, or none when a token had none.
+    """
+
+    texts: list[str]
+    lps: list[float]
+    tops: list[list[float]]
 
 
 @dataclass(slots=True)
@@ -36,6 +55,8 @@ class ChoiceEvidence:
     tool_call: bool = False
     #: how the extra samples agree with this answer (consistency and hybrid only)
     agreement: Agreement | None = None
+    #: the scored tokens, for sentence granularity (None: not kept, or no token texts)
+    tokens: Tokens | None = None
 
 
 @dataclass(slots=True)
@@ -60,6 +81,15 @@ class CallEvidence:
         for choice, agreement in zip(self.choices, agreements, strict=True):
             choice.agreement = agreement
 
+    def add_text_scores(self, question: str | None) -> None:
+        """Add the scores read from each choice's token texts and the question (issue
+        12.4, :mod:`proxy.confidence.shift_scores`); needs the tokens kept."""
+        asked = None if question is None else question_words(question)
+        for choice in self.choices:
+            if choice.tokens is not None:
+                extra = text_scores(choice.tokens.texts, choice.tokens.lps, asked)
+                choice.scores = {**choice.scores, **extra}
+
 
 def _tokens(logprobs: Any) -> tuple[list[float], list[list[float]]]:
     try:
@@ -74,17 +104,32 @@ def _check_shape(kind: Kind, choice: dict[str, Any], part: str) -> None:
         raise UpstreamMalformed(f"The upstream answer's '{part}' is not an object.")
 
 
-def from_response(kind: Kind, response: dict[str, Any], *, json_mode: bool) -> CallEvidence:
-    """The evidence in a complete (non-streamed) response; 502 when it is malformed."""
+def _kept_tokens(logprobs: Any, lps: list[float], tops: list[list[float]]) -> Tokens | None:
+    texts = token_texts(logprobs)
+    if texts is None or len(texts) != len(lps):
+        return None
+    return Tokens(texts, lps, tops if len(tops) == len(lps) else [])
+
+
+def from_response(
+    kind: Kind, response: dict[str, Any], *, json_mode: bool, keep_tokens: bool = False
+) -> CallEvidence:
+    """The evidence in a complete (non-streamed) response; 502 when it is malformed.
+
+    ``keep_tokens``: also keep each choice's token texts (sentence granularity).
+    """
     choices = []
     for i, choice in enumerate(choices_of(response)):
         _check_shape(kind, choice, "message")
+        logprobs = choice.get("logprobs")
+        lps, tops = _tokens(logprobs)
         choices.append(
             ChoiceEvidence(
                 index=i,
                 text=choice_text(kind, choice),
-                scores=scores_from_tokens(*_tokens(choice.get("logprobs"))),
+                scores=scores_from_tokens(lps, tops),
                 tool_call=is_tool_call(kind, choice),
+                tokens=_kept_tokens(logprobs, lps, tops) if keep_tokens else None,
             )
         )
     return CallEvidence(choices, json_mode=json_mode)
@@ -100,10 +145,14 @@ class StreamEvidence:
 
     kind: Kind
     keep_texts: bool = False
+    #: keep token texts too (sentence granularity); implies keep_texts
+    keep_tokens: bool = False
     _lps: dict[int, list[float]] = field(default_factory=dict)
     _tops: dict[int, list[list[float]]] = field(default_factory=dict)
     _tools: set[int] = field(default_factory=set)
     _texts: dict[int, list[str]] = field(default_factory=dict)
+    #: token texts per index; None once a chunk's logprobs came without them
+    _token_texts: dict[int, list[str] | None] = field(default_factory=dict)
     #: scored tokens with empty text at the end of each choice so far, and how many of
     #: them carried a top-k list (see :meth:`evidence`)
     _empty_tail: dict[int, tuple[int, int]] = field(default_factory=dict)
@@ -115,7 +164,7 @@ class StreamEvidence:
         if type(index) is not int or not 0 <= index < _MAX_CHOICES:
             raise UpstreamMalformed("The upstream stream carried a choice without a valid index.")
         _check_shape(self.kind, choice, "delta")
-        if self.keep_texts:
+        if self.keep_texts or self.keep_tokens:
             piece = (
                 choice.get("text")
                 if self.kind == "completions"
@@ -125,6 +174,8 @@ class StreamEvidence:
                 self._texts.setdefault(index, []).append(piece)
         logprobs = choice.get("logprobs")
         lps, tops = _tokens(logprobs)
+        if self.keep_tokens:
+            self._add_token_texts(index, logprobs, len(lps))
         self._lps.setdefault(index, []).extend(lps)
         self._tops.setdefault(index, []).extend(tops)
         if lps and isinstance(logprobs, dict):
@@ -133,6 +184,28 @@ class StreamEvidence:
             self._stopped.add(index)
         if is_tool_call(self.kind, choice):
             self._tools.add(index)
+
+    def _add_token_texts(self, index: int, logprobs: Any, count: int) -> None:
+        kept = self._token_texts.setdefault(index, [])
+        if kept is None:
+            return
+        texts = token_texts(logprobs)
+        if texts is None or len(texts) != count:
+            self._token_texts[index] = None
+        else:
+            kept.extend(texts)
+
+    def text(self, index: int) -> str:
+        """The text streamed so far for one choice (with ``keep_texts`` or ``keep_tokens``)."""
+        return "".join(self._texts.get(index, []))
+
+    def tokens(self, index: int) -> Tokens | None:
+        """The scored tokens streamed so far for one choice (``keep_tokens``)."""
+        texts = self._token_texts.get(index)
+        lps, tops = self._lps.get(index, []), self._tops.get(index, [])
+        if texts is None or len(texts) != len(lps):
+            return None
+        return Tokens(list(texts), list(lps), list(tops) if len(tops) == len(lps) else [])
 
     def _track_empty_tail(self, index: int, content: Any) -> None:
         if not isinstance(content, list):
@@ -166,9 +239,10 @@ class StreamEvidence:
             [
                 ChoiceEvidence(
                     index=i,
-                    text="".join(self._texts.get(i, [])) if self.keep_texts else None,
+                    text=self.text(i) if self.keep_texts or self.keep_tokens else None,
                     scores=self._scores(i),
                     tool_call=i in self._tools,
+                    tokens=self.tokens(i) if self.keep_tokens else None,
                 )
                 for i in indexes
             ],

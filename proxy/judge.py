@@ -10,7 +10,9 @@ the evidence came from a complete response or a stream, nor how samples were dra
   decides (judge on logprobs, answer, abstain, or fail with 502);
 * the score is mapped to P(correct) by the rule's calibration, or put on the 0-1 scale
   without one (``calibrated: false``), and :func:`~proxy.policy.rules.decide` applies t;
-* text that already reached the client (passthrough) can only be annotated.
+* text that already reached the client (passthrough) can only be annotated;
+* with ``granularity: sentence`` each sentence (list line) is scored on its own tokens and
+  decided on its own (:func:`judge_sentences`); the choice's verdict sums them up.
 
 Pure: no web or HTTP imports.
 """
@@ -22,12 +24,14 @@ from collections.abc import Mapping
 
 from proxy.confidence.features import uncalibrated
 from proxy.confidence.recalibration import Recalibration, compose
+from proxy.confidence.spans import segment_scores
 from proxy.confidence.stopping import expected_final_share
 from proxy.errors import UpstreamError
 from proxy.evidence import CallEvidence, ChoiceEvidence
 from proxy.policy.rules import Rule, decide
 from proxy.sampling.draw import SamplingResult
-from proxy.verdict import Verdict
+from proxy.sentences import Segment, split
+from proxy.verdict import Decision, SentenceVerdict, Verdict
 
 
 def confidence_of(scores: Mapping[str, float], rule: Rule) -> float | None:
@@ -152,6 +156,79 @@ def _too_few_samples(choice: ChoiceEvidence, result: SamplingResult, rule: Rule)
     return verdict
 
 
+def judge_sentences(
+    segments: list[Segment], scores: list[dict[str, float]], rule: Rule, *, sent: bool
+) -> list[SentenceVerdict]:
+    """Each segment's verdict, at the segment's offsets (the rewrite moves them).
+
+    ``sent``: the text already reached the client, so a doubt can only be annotated.
+    """
+    out = []
+    for segment, part_scores in zip(segments, scores, strict=True):
+        if not segment.judged:
+            out.append(SentenceVerdict(segment.start, segment.end, segment.kind, "unjudged", None))
+            continue
+        verdict = verdict_on(part_scores, rule)
+        decision = verdict.decision
+        if sent and decision in ("abstain", "hedge"):
+            decision = "annotate"
+        part = SentenceVerdict(
+            segment.start, segment.end, segment.kind, decision, verdict.confidence, part_scores
+        )
+        part.out_of_distribution = verdict.out_of_distribution
+        out.append(part)
+    return out
+
+
+def summarize(parts: list[SentenceVerdict], rule: Rule, whole: Verdict) -> Verdict:
+    """The choice's verdict from its sentences' verdicts.
+
+    ``answer`` when every sentence is answered; ``abstain`` when every one is withheld
+    (the client gets the tenant's abstention); ``partial`` when some are; otherwise the
+    rule's hedge or annotate. Its confidence is that of the least sure sentence the
+    client sees (or, when all are withheld, of the surest one).
+    """
+    judged = [p for p in parts if p.decision != "unjudged"]
+    withheld = [p for p in judged if p.decision == "abstain"]
+    shown = [p for p in judged if p.decision != "abstain"]
+    decision: Decision
+    if withheld:
+        decision = "partial" if shown else "abstain"
+    else:
+        # Nothing withheld: answered as is, or the rule's hedge/annotate on some part.
+        decision = next((p.decision for p in judged if p.decision != "answer"), "answer")
+    known = [p for p in (shown or withheld) if p.confidence is not None]
+    pick = None
+    if known:
+        pick = (min if shown else max)(known, key=lambda p: p.confidence or 0.0)
+    whole.decision = decision
+    whole.confidence = pick.confidence if pick is not None else None
+    whole.score = pick.scores.get(rule.score) if pick is not None else None
+    whole.sentences = parts
+    # The calibration's reference is of sentences: the answer is outside it when a part is.
+    flags = [p.out_of_distribution for p in judged if p.out_of_distribution is not None]
+    whole.out_of_distribution = any(flags) if flags else None
+    whole.reason = None if pick is not None else "no sentence could be scored"
+    return whole
+
+
+def _by_sentence(choice: ChoiceEvidence, call: CallEvidence, rule: Rule) -> Verdict | None:
+    """The verdict sentence by sentence; None when the answer must be judged whole."""
+    text, tokens = choice.text, choice.tokens
+    if rule.granularity != "sentence" or rule.method != "logprobs":
+        return None
+    if not text or tokens is None:
+        return None
+    segments = split(text)
+    if not any(s.judged for s in segments):
+        return None
+    scores = segment_scores(segments, text, tokens.texts, tokens.lps, tokens.tops)
+    if scores is None:
+        return None
+    parts = judge_sentences(segments, scores, rule, sent=call.already_sent)
+    return summarize(parts, rule, verdict_on(choice.scores, rule))
+
+
 def judge_choice(choice: ChoiceEvidence, call: CallEvidence, rule: Rule) -> Verdict:
     """One choice's verdict."""
     reason = skip_reason(rule, tool_call=choice.tool_call, json_mode=call.json_mode)
@@ -159,6 +236,8 @@ def judge_choice(choice: ChoiceEvidence, call: CallEvidence, rule: Rule) -> Verd
         return unjudged(rule, reason)
     if call.sampling is not None:
         verdict = _on_samples(choice, call.sampling, rule)
+    elif (by_sentence := _by_sentence(choice, call, rule)) is not None:
+        verdict = by_sentence
     else:
         verdict = verdict_on(choice.scores, rule)
     if call.already_sent and verdict.decision in ("abstain", "hedge"):
@@ -182,7 +261,8 @@ def judge_call(
     source = None
     if rule.calibration is not None:
         source = "shipped"
-        if recalibration is not None:
+        # Feedback labels whole answers: it cannot recalibrate a map of sentences.
+        if recalibration is not None and rule.granularity == "answer":
             rule = dataclasses.replace(rule, calibration=compose(rule.calibration, recalibration))
             source = recalibration.source
     verdicts = [judge_choice(choice, call, rule) for choice in call.choices]

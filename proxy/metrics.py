@@ -8,7 +8,8 @@ Ops guide (PromQL):
 * estimated hallucination rate among delivered answers::
 
     sum by (tenant, model) (rate(abstain_expected_errors_total[5m]))
-      / sum by (tenant, model) (rate(abstain_choices_total{decision=~"answer|hedge|annotate"}[5m]))
+      / sum by (tenant, model)
+          (rate(abstain_choices_total{decision=~"answer|hedge|annotate|partial"}[5m]))
 
 * abstention rate::
 
@@ -59,8 +60,44 @@ class Metrics:
         )
         self.choices = Counter(
             "abstain_choices",
-            "Judged answers (choices) by decision: answer, abstain, hedge, annotate, unjudged.",
+            "Judged answers (choices) by decision: answer, abstain, hedge, annotate, "
+            "unjudged, partial (judged by sentence, some sentences withheld).",
             ["tenant", "model", "decision", "calibrated"],
+            registry=r,
+        )
+        self.sentences = Counter(
+            "abstain_sentences",
+            "Parts of answers judged sentence by sentence, by decision (code is unjudged).",
+            ["tenant", "model", "decision"],
+            registry=r,
+        )
+        self.expected_sentence_errors = Counter(
+            "abstain_sentence_expected_errors",
+            "Sum of 1 - P(correct) over the sentences delivered (granularity sentence).",
+            ["tenant", "model"],
+            registry=r,
+        )
+        self.generation_stops = Counter(
+            "abstain_generation_stops",
+            "Streams whose generation was stopped at a withheld sentence (stop_on_withheld).",
+            ["tenant", "model"],
+            registry=r,
+        )
+        self.generation_stop_tokens = Counter(
+            "abstain_generation_stop_tokens",
+            "Completion tokens the stopped streams had generated when they were stopped "
+            "(every choice; counted as received by the proxy, so the upstream may have "
+            "generated a few more before the cancellation reached it).",
+            ["tenant", "model"],
+            registry=r,
+        )
+        self.generation_tokens_saved_bound = Counter(
+            "abstain_generation_tokens_saved_bound",
+            "An upper bound on the completion tokens stop_on_withheld saved: n x max_tokens "
+            "minus the tokens generated, for stopped streams whose request set max_tokens "
+            "(or max_completion_tokens); the model may have ended sooner on its own. "
+            "Stopped requests without max_tokens add nothing.",
+            ["tenant", "model"],
             registry=r,
         )
         self.confidence = Histogram(

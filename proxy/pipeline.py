@@ -21,10 +21,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from proxy.call import Call
+from proxy.confidence.features import reads_text
+from proxy.confidence.question import question_of
 from proxy.errors import UpstreamError
 from proxy.evidence import CallEvidence, from_response
 from proxy.judge import judge_call, shown_answer, skip_reason
@@ -64,7 +66,9 @@ class Pipeline:
         session = self._start_sampling(call, upstream, body)
         try:
             response = await self._timed(call, _fetch(upstream, call.kind, body))
-            evidence = from_response(call.kind, response, json_mode=call.json_mode)
+            evidence = from_response(
+                call.kind, response, json_mode=call.json_mode, keep_tokens=keeps_tokens(call)
+            )
             call.response_id = ensure_id(response)
             verdicts = await self._judge(call, evidence, session)
         except UpstreamError as exc:
@@ -133,9 +137,19 @@ class Pipeline:
             call.upstream_seconds += time.perf_counter() - t0
 
     async def _judge(
-        self, call: Call, evidence: CallEvidence, session: SamplingSession | None
+        self,
+        call: Call,
+        evidence: CallEvidence,
+        session: SamplingSession | None,
+        settle: Callable[[list[Verdict]], None] | None = None,
     ) -> list[Verdict]:
-        """Attach the samples (when drawn), judge every choice, and count the verdicts."""
+        """Attach the samples (when drawn), judge every choice, and count the verdicts.
+
+        ``settle`` sees the verdicts before they are recorded (see
+        :meth:`UpstreamStream.verdicts`).
+        """
+        if reads_text_scores(call):
+            evidence.add_text_scores(question_of(call.kind, call.body))
         if session is not None and evidence.choices:
             self.recorder.sampling(call, await session.gather(evidence))
         recalibration = None
@@ -146,6 +160,8 @@ class Pipeline:
             # The shipped P(correct) behind each confidence: what feedback labels.
             shipped = judge_call(evidence, call.rule)
             self.recalibration.judged(call.tenant, call.route.model, verdicts, shipped)
+        if settle is not None:
+            settle(verdicts)
         if call.rule.log_text:
             call.answers = evidence.texts
         self.recorder.verdicts(call, verdicts)
@@ -183,10 +199,17 @@ class UpstreamStream:
             yield chunk
             chunk = await self._next()
 
-    async def verdicts(self, evidence: CallEvidence) -> list[Verdict]:
-        """The verdicts on what was streamed."""
+    async def verdicts(
+        self, evidence: CallEvidence, settle: Callable[[list[Verdict]], None] | None = None
+    ) -> list[Verdict]:
+        """The verdicts on what was streamed.
+
+        ``settle`` may adjust them (in place) before they are recorded: a stream that sent
+        parts of the answer as it judged them makes the recorded verdicts describe what
+        the client got (:mod:`proxy.sentence_stream`).
+        """
         try:
-            return await self._pipeline._judge(self._call, evidence, self._session)
+            return await self._pipeline._judge(self._call, evidence, self._session, settle)
         except UpstreamError as exc:
             self._pipeline.recorder.upstream_failed(self._call, exc)
             raise
@@ -207,6 +230,24 @@ class UpstreamStream:
         except UpstreamError as exc:
             self._pipeline.recorder.upstream_failed(self._call, exc)
             raise
+
+
+def by_sentence(call: Call) -> bool:
+    """Whether the call's answers are judged sentence by sentence (token texts kept)."""
+    return call.rule.granularity == "sentence" and call.rule.method == "logprobs"
+
+
+def reads_text_scores(call: Call) -> bool:
+    """Whether the rule's calibration reads scores of the answer's token texts and the
+    question (issue 12.4). Only then are token texts kept and the question read: every
+    other call pays this check (a few name lookups) and nothing more."""
+    calibration = call.rule.calibration
+    return calibration is not None and reads_text(calibration.inputs)
+
+
+def keeps_tokens(call: Call) -> bool:
+    """Whether the evidence keeps each answer's token texts (sentences, text scores)."""
+    return by_sentence(call) or reads_text_scores(call)
 
 
 async def _fetch(upstream: Upstream, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:

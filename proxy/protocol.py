@@ -158,6 +158,30 @@ def set_choice_text(kind: Kind, choice: dict[str, Any], text: str) -> None:
         choice["text"] = text
 
 
+def prompt_texts(kind: Kind, body: dict[str, Any]) -> list[str]:
+    """Every text of the request's prompt: the messages' contents, or the prompt(s).
+
+    Content parts that are not text (images, audio) are left out; so is anything not a
+    string, which validation let through only where OpenAI allows it.
+    """
+    if kind == "completions":
+        prompt = body.get("prompt")
+        items = prompt if isinstance(prompt, list) else [prompt]
+        return [p for p in items if isinstance(p, str)]
+    texts: list[str] = []
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts += [
+                part["text"]
+                for part in content
+                if isinstance(part, dict) and isinstance(part.get("text"), str)
+            ]
+    return texts
+
+
 def is_tool_call(kind: Kind, choice: dict[str, Any]) -> bool:
     if kind != "chat":
         return False

@@ -47,6 +47,8 @@ class Recorder:
         for v in verdicts:
             calibrated = "true" if v.calibrated else "false"
             m.choices.labels(tenant, model, v.decision, calibrated).inc()
+            if v.sentences is not None:
+                self._sentences(call, v)
             self.drift.observe(tenant, model, call.rule.calibration, v)
             if v.confidence is None:
                 continue
@@ -56,6 +58,25 @@ class Recorder:
                 m.expected_errors.labels(tenant, model).inc(miss)
             else:
                 m.expected_errors_avoided.labels(tenant, model).inc(miss)
+
+    def _sentences(self, call: Call, verdict: Verdict) -> None:
+        m, tenant, model = self.metrics, call.tenant, call.route.model
+        for part in verdict.sentences or ():
+            m.sentences.labels(tenant, model, part.decision).inc()
+            if part.confidence is not None and part.decision in ("answer", "hedge", "annotate"):
+                m.expected_sentence_errors.labels(tenant, model).inc(1.0 - part.confidence)
+
+    def generation_stopped(
+        self, call: Call, generated_tokens: int, saved_at_most: int | None = None
+    ) -> None:
+        """A sentence stream stopped its generation at a withheld sentence, after
+        ``generated_tokens`` completion tokens; ``saved_at_most`` bounds the tokens it
+        saved (None when the request set no ``max_tokens``)."""
+        m, tenant, model = self.metrics, call.tenant, call.route.model
+        m.generation_stops.labels(tenant, model).inc()
+        m.generation_stop_tokens.labels(tenant, model).inc(generated_tokens)
+        if saved_at_most is not None:
+            m.generation_tokens_saved_bound.labels(tenant, model).inc(saved_at_most)
 
     def sampling(self, call: Call, result: SamplingResult) -> None:
         """The sampling cost of one request."""

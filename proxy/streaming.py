@@ -28,7 +28,7 @@ from typing import Any
 from proxy.call import Call
 from proxy.errors import ProxyError, UpstreamError
 from proxy.evidence import StreamEvidence
-from proxy.pipeline import Pipeline, UpstreamStream, ensure_id
+from proxy.pipeline import Pipeline, UpstreamStream, ensure_id, keeps_tokens
 from proxy.protocol import SSE_DONE, SSE_KEEPALIVE, Kind, choices_of, sse, trim_top_logprobs
 from proxy.rewrite import verdict_headers
 from proxy.verdict import Verdict
@@ -167,7 +167,9 @@ async def passthrough(pipeline: Pipeline, call: Call) -> Stream:
 
 
 async def _relay(pipeline: Pipeline, call: Call, upstream: UpstreamStream) -> AsyncIterator[bytes]:
-    evidence = StreamEvidence(call.kind, keep_texts=call.rule.log_text or upstream.samples)
+    evidence = StreamEvidence(
+        call.kind, keep_texts=call.rule.log_text or upstream.samples, keep_tokens=keeps_tokens(call)
+    )
     keep_logprobs, top_k = call.client_logprobs, call.client_top_k
     ttfb: float | None = None
     last: dict[str, Any] = {}  # the latest chunk: its id and model go in the verdict chunk

@@ -162,3 +162,36 @@ def scores_from_choice(choice_logprobs: Mapping[str, Any] | None) -> dict[str, f
     """All logprob scores of a choice's ``logprobs`` field (either wire shape)."""
     lps, tops = token_logprobs(choice_logprobs)
     return scores_from_tokens(lps, tops)
+
+
+def token_texts(choice_logprobs: Mapping[str, Any] | None) -> list[str] | None:
+    """The text of each scored token, aligned with :func:`token_logprobs`' first list.
+
+    None when a scored token has no text (a server that sends logprobs without tokens):
+    then nothing can be said about which part of the answer a token belongs to. Read
+    only by rules that need it (sentence granularity); the shapes were already checked
+    by :func:`token_logprobs`.
+    """
+    if not choice_logprobs or not isinstance(choice_logprobs, dict):
+        return []
+    texts: list[str] = []
+    if "content" in choice_logprobs:
+        for tok in choice_logprobs.get("content") or ():
+            if tok.get("logprob") is None:
+                continue
+            text = tok.get("token")
+            if not isinstance(text, str):
+                return None
+            texts.append(text)
+        return texts
+    tokens = choice_logprobs.get("tokens")
+    lps = choice_logprobs.get("token_logprobs") or ()
+    if not isinstance(tokens, list) or len(tokens) != len(lps):
+        return None
+    for text, lp in zip(tokens, lps, strict=True):
+        if lp is None:
+            continue
+        if not isinstance(text, str):
+            return None
+        texts.append(text)
+    return texts

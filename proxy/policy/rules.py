@@ -23,6 +23,7 @@ from proxy.confidence.recalibration import RecalibrationRule
 from proxy.confidence.risk_control import RiskChoice, choose_threshold
 from proxy.policy.schema import (
     Action,
+    Granularity,
     MatcherName,
     Method,
     PolicyFile,
@@ -67,6 +68,11 @@ class Rule:
     #: verdict and check-policy show it; None for a rule that names its threshold
     risk: Mapping[str, Any] | None = None
     consistency_score: str = "agreement"
+    #: judge the answer whole, or sentence by sentence (``streaming: sentence`` implies it)
+    granularity: Granularity = "answer"
+    sentence_abstention: str = "(not sure about this part)"
+    sentence_hedge: str = "(not sure) "
+    stop_on_withheld: bool = False
     #: the logprob score, even when a calibration or the method reads another one
     logprob_score: str = "min_logprob"
     #: online recalibration from feedback (issue 12.2); None: the calibration as shipped
@@ -277,6 +283,11 @@ class Policy:
             log_text=merged["log_text"],
             risk=risk,
             consistency_score=merged["consistency_score"],
+            # Streaming sentence by sentence only makes sense with a verdict per sentence.
+            granularity="sentence" if merged["streaming"] == "sentence" else merged["granularity"],
+            sentence_abstention=merged["sentence_abstention"],
+            sentence_hedge=merged["sentence_hedge"],
+            stop_on_withheld=merged["stop_on_withheld"],
             logprob_score=merged["score"],
             recalibrate=RecalibrationRule(
                 min_labels=merged["recalibrate_min_labels"],
@@ -314,9 +325,20 @@ def calibration_mismatches(rule: Rule) -> list[str]:
     problems = []
     if rule.risk is not None and rule.risk.get("threshold") is None:
         problems.append(str(rule.risk.get("reason")))
+    if rule.granularity == "sentence" and rule.method != "logprobs":
+        problems.append(
+            f"granularity sentence needs method logprobs (sentences are scored on their own "
+            f"tokens); with method {rule.method} answers are judged as a whole"
+        )
     cal = rule.calibration
     if cal is None:
         return problems
+    fitted_unit = cal.fitted_on.get("granularity", "answer")
+    if rule.method == "logprobs" and fitted_unit != rule.granularity:
+        problems.append(
+            f"granularity is {rule.granularity} but the calibration was fitted on "
+            f"{fitted_unit}s: its P(correct) does not mean what it says"
+        )
     sampled = cal.method in ("consistency", "hybrid")
     if sampled != (rule.method in ("consistency", "hybrid")) or (
         cal.method == "hybrid" and rule.method != "hybrid"

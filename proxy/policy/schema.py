@@ -15,7 +15,8 @@ from proxy.confidence.features import AGREEMENT_SCORES, LOGPROB_SCORES
 
 Action = Literal["abstain", "hedge", "annotate"]
 Method = Literal["logprobs", "consistency", "hybrid", "none"]
-StreamMode = Literal["buffer", "passthrough"]
+StreamMode = Literal["buffer", "passthrough", "sentence"]
+Granularity = Literal["answer", "sentence"]
 MatcherName = Literal["exact", "numeric", "embedding"]
 SamplingFallback = Literal["fallback", "answer", "abstain", "error"]
 Sha256Hex = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
@@ -108,6 +109,15 @@ class RuleFields(_Strict):
     #: how sure that bound must be (1 − δ)
     target_confidence: float | None = Field(None, gt=0.5, lt=1.0)
     keepalive_seconds: float | None = Field(None, gt=0)
+    #: judge the answer as a whole, or each sentence (list line) on its own tokens
+    granularity: Granularity | None = None
+    #: what replaces a withheld sentence (granularity sentence, action abstain)
+    sentence_abstention: str | None = Field(None, max_length=1000)
+    #: what goes in front of a doubtful sentence (granularity sentence, action hedge)
+    sentence_hedge: str | None = Field(None, max_length=1000)
+    #: streaming sentence: stop the generation at the first withheld sentence, rather
+    #: than pay the model to go on guessing
+    stop_on_withheld: bool | None = None
     #: put prompt and answer text in the decision log (off: scores and verdicts only)
     log_text: bool | None = None
     #: learn a recalibration of the calibration from this tenant's feedback (issue 12.2;
@@ -196,6 +206,10 @@ class Defaults(RuleFields):
     top_logprobs: int | None = Field(5, ge=0, le=20)
     target_confidence: float | None = Field(0.95, gt=0.5, lt=1.0)
     keepalive_seconds: float | None = Field(10.0, gt=0)
+    granularity: Granularity | None = "answer"
+    sentence_abstention: str | None = Field("(not sure about this part)", max_length=1000)
+    sentence_hedge: str | None = Field("(not sure) ", max_length=1000)
+    stop_on_withheld: bool | None = False
     log_text: bool | None = False
     recalibrate: bool | None = False
     recalibrate_min_labels: int | None = Field(100, ge=20, le=1_000_000)

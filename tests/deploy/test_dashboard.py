@@ -34,6 +34,8 @@ TENANT_MODEL_LABELLED = (
     "abstain_feedback",
     "abstain_samples_used",
     "abstain_sampling_",
+    "abstain_sentence",
+    "abstain_generation_stops",
 )
 
 
@@ -96,6 +98,7 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
     assert reading("abstain_overhead_seconds_bucket")
     assert reading("abstain_upstream_latency_seconds_bucket")
     assert reading("abstain_upstream_errors_total")
+    assert reading("abstain_sentences_total") and reading("abstain_generation_stops_total")
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
