@@ -49,7 +49,7 @@ from proxy.evaluation import datasets, runner
 from proxy.evaluation.calibrate import Labelled, fit_method, label
 from proxy.evaluation.commands import DEFAULT_CACHE
 from proxy.evaluation.grading import MatchGrader
-from proxy.evaluation.prompts import get_template
+from proxy.evaluation.prompts import Template, get_template
 
 ROOT = Path(__file__).resolve().parent.parent
 # The packaged question sets (proxy/data): fitted on facts-dev, judged on facts-extra.
@@ -66,14 +66,20 @@ BINS, KINDS = 10, ("isotonic", "platt", "histogram")
 THRESHOLDS = (0.1, 0.25, 0.5, 0.75)
 
 
-def _asked(dataset: Path, url: str) -> Labelled:
-    """Every question of ``dataset`` asked of the model directly (cached), graded."""
+def _asked(dataset: Path, url: str, template: Template | None = None) -> Labelled:
+    """Every question of ``dataset`` asked of the model directly (cached), graded.
+
+    ``template``: how to ask (default ``qa-fewshot``); another one's answers are cached
+    in their own file, ``<set>--<template>--<model>.jsonl``, as the other benchmarks do.
+    """
+    template = template or get_template("qa-fewshot")
     questions = datasets.load_questions(dataset)
     name = datasets.dataset_name(dataset)
-    cache = runner.GenerationCache(CACHE / f"{name}--{MODEL}.jsonl")
+    suffix = "" if template.name == "qa-fewshot" else f"--{template.name}"
+    cache = runner.GenerationCache(CACHE / f"{name}{suffix}--{MODEL}.jsonl")
     gens = asyncio.run(
-        runner.ask_all(questions, get_template("qa-fewshot"), base_url=url, model=MODEL,
-                       cache=cache, label=f"{name} (direct)")
+        runner.ask_all(questions, template, base_url=url, model=MODEL,
+                       cache=cache, label=f"{name} ({template.name}, direct)")
     )  # fmt: skip
     return label(questions, gens, MatchGrader())
 

@@ -5,7 +5,7 @@ Each :class:`Score` says what it is computed from (the answer's token logprobs, 
 top-k alternatives, or the extra samples), and how it is put on the [0, 1] scale a
 threshold lives on when no calibration is loaded. The policy check, the judge, fitting
 and the benchmarks all read these names from here, so a new score is added in one
-place (and computed in :mod:`.logprobs` or :mod:`.consistency`).
+place (and computed in :mod:`.logprobs`, :mod:`.shift_scores` or :mod:`.consistency`).
 
 Pure: standard library only.
 """
@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-#: What a score is computed from.
-Source = Literal["logprobs", "samples"]
+#: What a score is computed from: "text" scores read the answer's token texts with their
+#: logprobs, and the request's question (:mod:`.shift_scores`).
+Source = Literal["logprobs", "samples", "text"]
 
 
 def _exp(value: float) -> float:
@@ -62,6 +63,12 @@ SCORES: Mapping[str, Score] = {
         # log of the token count: ranks nothing alone, but tells a logistic model how
         # far to trust a mean over the tokens.
         Score("log_length", "logprobs", needs_top_k=False, to_unit=_clip, rankable=False),
+        # The answer's words against the question's (issue 12.4): how much is copied, and
+        # the least likely token of what the answer adds. Inputs of a logistic model
+        # only; the proxy reads token texts and the question only for a calibration
+        # that uses them.
+        Score("question_overlap", "text", needs_top_k=False, to_unit=_clip, rankable=False),
+        Score("answer_min_logprob", "text", needs_top_k=False, to_unit=_exp, rankable=False),
         Score("agreement", "samples", needs_top_k=False, to_unit=_clip),
         Score("agreement_smoothed", "samples", needs_top_k=False, to_unit=_clip),
         Score("majority_share", "samples", needs_top_k=False, to_unit=_clip),
@@ -79,6 +86,9 @@ LOGPROB_SCORES = _names("logprobs")
 #: Scores a rule may name as ``consistency_score`` (from agreement among samples).
 AGREEMENT_SCORES = _names("samples")
 
+#: Inputs computed from the answer's token texts and the question (:mod:`.shift_scores`).
+TEXT_SCORES = tuple(s.name for s in SCORES.values() if s.source == "text")
+
 #: Inputs of the logistic calibration over logprob scores: every score that adds
 #: information (sequence_prob is nearly a function of mean_logprob and the length) plus
 #: the answer's length.
@@ -90,6 +100,11 @@ LOGISTIC_FEATURES = (
     "first_margin",
     "log_length",
 )
+#: The logistic calibration's inputs for sentences (granularity sentence): those of an
+#: answer less the first token's two. A sentence's first token is its lead-in ("Its",
+#: "It"), nearly always certain, so a model fitted on it learns a weight from a sliver of
+#: variance and swings wildly on the rare sentence whose first token is not certain.
+SENTENCE_LOGISTIC_FEATURES = ("mean_logprob", "min_logprob", "mean_entropy", "log_length")
 #: The hybrid logistic model's inputs, in the order its weights are stored.
 HYBRID_LOGPROB_FEATURES = ("mean_logprob", "min_logprob", "mean_entropy")
 HYBRID_AGREEMENT_FEATURES = ("agreement", "semantic_entropy")
@@ -106,6 +121,17 @@ def uncalibrated(name: str, value: float | None) -> float | None:
         return None
     score = SCORES.get(name)
     return score.to_unit(value) if score is not None else _clip(value)
+
+
+_TEXT = frozenset(TEXT_SCORES)
+
+
+def reads_text(names: Iterable[str]) -> bool:
+    """Whether any of ``names`` is a text score (the answer's token texts, the question).
+
+    On every request's path (the proxy asks it of the rule's calibration): a set test.
+    """
+    return not _TEXT.isdisjoint(names)
 
 
 def needing_top_k(names: Iterable[str]) -> list[str]:

@@ -17,16 +17,21 @@ from proxy.confidence.features import (
     uncalibrated,
 )
 from proxy.confidence.logprobs import scores_from_tokens
+from proxy.confidence.shift_scores import question_words, text_scores
 from proxy.policy.loading import PolicyError, parse_policy
 
 
 def test_every_score_the_estimators_compute_is_in_the_vocabulary() -> None:
     lps, tops = [-0.1, -0.5, -2.0], [[-0.1, -2.5], [-0.5, -1.2], [-2.0, -0.3]]
-    computed = set(scores_from_tokens(lps, tops)) | set(
-        score_agreement("Paris", ["Paris", "Lyon"]).features()
+    texts = text_scores([" Par", "is", "."], lps, question_words("Capital of France?"))
+    computed = (
+        set(scores_from_tokens(lps, tops))
+        | set(score_agreement("Paris", ["Paris", "Lyon"]).features())
+        | set(texts)
     )
     assert computed == set(SCORES)
     assert {SCORES[n].source for n in scores_from_tokens(lps, tops)} == {"logprobs"}
+    assert {SCORES[n].source for n in texts} == {"text"}
 
 
 def test_scores_that_need_top_k_are_exactly_those_missing_without_it() -> None:
