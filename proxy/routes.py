@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from proxy import streaming
+from proxy import sentence_stream, streaming
 from proxy.admission import (
     ReleasingBody,
     admit,
@@ -112,6 +112,8 @@ async def _stream(pipeline: Pipeline, call: Call, release: Callable[[], None]) -
     try:
         if call.rule.streaming == "passthrough":
             stream = await streaming.passthrough(pipeline, call)
+        elif call.rule.streaming == "sentence":
+            stream = await sentence_stream.stream(pipeline, call)
         else:
             stream = await streaming.buffered(pipeline, call)
     except BaseException:

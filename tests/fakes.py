@@ -13,6 +13,12 @@
 
 Any other model answers ANSWER everywhere, so its samples agree.
 
+A request may script the answer instead: ``x_tokens`` (``[text, logprob]`` pairs, the
+answer of every choice) or ``x_tokens_n`` (one such list per choice). Streamed, each token
+is a chunk of its own (choices interleaved), with its logprob, written as UTF-8 (not
+as JSON escapes); ``x_error_after: k`` sends an error event after the first k tokens, and
+``x_byte_chunks: k`` (the mock transport only) delivers the stream k bytes at a time.
+
 Every answer echoes the request it got under ``x_echo`` (so tests can check what the
 proxy sent upstream) and carries an unknown field ``x_upstream_extra`` (so tests can
 check unknown response fields survive the proxy).
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -65,7 +72,119 @@ def _completion_logprobs(model: str, top: int) -> dict[str, Any]:
     }
 
 
+def scripted(body: dict[str, Any]) -> list[list[tuple[str, float]]] | None:
+    """The answers the request scripted (``x_tokens`` or ``x_tokens_n``), one per choice."""
+    n = body.get("n") or 1
+    if "x_tokens_n" in body:
+        return [[(t, float(lp)) for t, lp in tokens] for tokens in body["x_tokens_n"]][:n]
+    if "x_tokens" in body:
+        return [[(t, float(lp)) for t, lp in body["x_tokens"]]] * n
+    return None
+
+
+def _scripted_entry(token: str, lp: float, top: int) -> dict[str, Any]:
+    alts = [{"token": f"alt{i}", "logprob": lp - 1 - i} for i in range(max(0, top - 1))]
+    return {"token": token, "logprob": lp, "bytes": list(token.encode()),
+            "top_logprobs": [{"token": token, "logprob": lp}, *alts]}  # fmt: skip
+
+
+def scripted_logprobs(
+    kind: str, body: dict[str, Any], tokens: list[tuple[str, float]], at: int = 0
+) -> dict[str, Any] | None:
+    """The logprobs of scripted tokens in the request's shape (None when it asked none);
+    ``at``: where the first token starts in the answer (completions' ``text_offset``)."""
+    if kind == "chat":
+        if not body.get("logprobs"):
+            return None
+        top = body.get("top_logprobs") or 0
+        return {"content": [_scripted_entry(t, lp, top) for t, lp in tokens]}
+    k = body.get("logprobs")
+    if k is None:
+        return None
+    offsets = []
+    for t, _ in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {
+        "tokens": [t for t, _ in tokens],
+        "token_logprobs": [lp for _, lp in tokens],
+        "top_logprobs": [{t: lp, **{f"alt{i}": lp - 1 - i for i in range(max(0, k - 1))}}
+                         for t, lp in tokens],
+        "text_offset": offsets,
+    }  # fmt: skip
+
+
+def _scripted_completion(
+    kind: str, body: dict[str, Any], answers: list[list[tuple[str, float]]]
+) -> dict[str, Any]:
+    choices = []
+    for i, tokens in enumerate(answers):
+        text = "".join(t for t, _ in tokens)
+        choice: dict[str, Any] = {"index": i, "finish_reason": "stop",
+                                  "logprobs": scripted_logprobs(kind, body, tokens)}  # fmt: skip
+        if kind == "chat":
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choices.append(choice)
+    generated = sum(len(a) for a in answers)
+    return {
+        "id": f"cmpl-fake-{body['model']}",
+        "object": "chat.completion" if kind == "chat" else "text_completion",
+        "created": 1700000000,
+        "model": body["model"],
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": 5,
+            "completion_tokens": generated,
+            "total_tokens": 5 + generated,
+        },
+    }
+
+
+def _scripted_chunks(
+    kind: str, body: dict[str, Any], answers: list[list[tuple[str, float]]]
+) -> list[dict[str, Any]]:
+    head = {
+        "id": f"cmpl-fake-{body['model']}",
+        "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+        "created": 1700000000,
+        "model": body["model"],
+    }
+    chunks: list[dict[str, Any]] = []
+    at = [0] * len(answers)
+    error_after = body.get("x_error_after")
+    for step in range(max((len(a) for a in answers), default=0)):
+        for i, tokens in enumerate(answers):
+            if step >= len(tokens):
+                continue
+            if error_after is not None and sum(1 for c in chunks if c["choices"]) >= error_after:
+                return [*chunks, {"error": {"message": "the model crashed", "type": "server"}}]
+            token, lp = tokens[step]
+            logprobs = scripted_logprobs(kind, body, [(token, lp)], at[i])
+            at[i] += len(token)
+            c: dict[str, Any] = {"index": i, "logprobs": logprobs, "finish_reason": None}
+            if kind == "chat":
+                c["delta"] = (
+                    {"role": "assistant", "content": token} if step == 0 else {"content": token}
+                )
+            else:
+                c["text"] = token
+            chunks.append({**head, "choices": [c]})
+    for i in range(len(answers)):
+        end: dict[str, Any] = {"index": i, "logprobs": None, "finish_reason": "stop"}
+        end.update({"delta": {}} if kind == "chat" else {"text": ""})
+        chunks.append({**head, "choices": [end]})
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        usage = _scripted_completion(kind, body, answers)["usage"]
+        chunks.append({**head, "choices": [], "usage": usage})
+    return chunks
+
+
 def completion(kind: str, body: dict[str, Any], texts: list[str] | None = None) -> dict[str, Any]:
+    if (answers := scripted(body)) is not None:
+        return _scripted_completion(kind, body, answers)
     model = body["model"]
     n = body.get("n") or 1
     choices = []
@@ -109,6 +228,8 @@ def completion(kind: str, body: dict[str, Any], texts: list[str] | None = None) 
 
 def stream_chunks(kind: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     """The answer as stream chunks: one per token, then a finish chunk."""
+    if (answers := scripted(body)) is not None:
+        return _scripted_chunks(kind, body, answers)
     model = body["model"]
     full = completion(kind, {**body, "n": 1})
     lp = full["choices"][0]["logprobs"]
@@ -149,6 +270,12 @@ def stream_chunks(kind: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     return chunks
 
 
+async def _pieces(payload: bytes, step: int) -> AsyncIterator[bytes]:
+    """The payload ``step`` bytes at a time (boundaries inside characters included)."""
+    for i in range(0, len(payload), step):
+        yield payload[i : i + step]
+
+
 class FakeUpstream:
     """An ``httpx.MockTransport`` handler; records every request it receives."""
 
@@ -187,12 +314,16 @@ class FakeUpstream:
                 self.split_samples += 1
             return httpx.Response(200, json=completion(kind, body, texts))
         if body.get("stream"):
+            chunks = stream_chunks(kind, body)
             payload = b"".join(
-                b"data: " + json.dumps(c).encode() + b"\n\n" for c in stream_chunks(kind, body)
+                b"data: " + json.dumps(c, ensure_ascii=False).encode() + b"\n\n" for c in chunks
             )
+            if not any("error" in c for c in chunks):  # a stream cut by an error: no [DONE]
+                payload += b"data: [DONE]\n\n"
+            step = body.get("x_byte_chunks")
             return httpx.Response(
                 200,
-                content=payload + b"data: [DONE]\n\n",
+                content=_pieces(payload, step) if step else payload,
                 headers={"content-type": "text/event-stream"},
             )
         return httpx.Response(200, json=completion(kind, body))
