@@ -60,13 +60,19 @@ def label(
 ) -> Labelled:
     """Grade every answered question and collect every score the proxy computes.
 
-    ``features`` (by question id) replaces each answer's logprob scores, for scores that
-    need more than the answer (agreement with samples); an answer without an entry there
-    is left out and counted as failed.
+    Without ``features``, each answer's logprob scores and the scores of its token texts
+    against its question (:mod:`proxy.confidence.shift_scores`; the question as the proxy
+    reads it from the shipped templates' requests, which is the question's text).
+    ``features`` (by question id) replaces them, for scores that need more than the
+    answer (agreement with samples); an answer without an entry there is left out and
+    counted as failed.
     """
     gold = {q.id: q.answers for q in questions}
+    asked = {q.id: q.question for q in questions}
     ok = [g for g in generations if g.error is None and (features is None or g.id in features)]
-    scores = [g.scores if features is None else features[g.id] for g in ok]
+    scores = [
+        g.scores | g.text_scores(asked[g.id]) if features is None else features[g.id] for g in ok
+    ]
     names = sorted({n for s in scores for n in s})
     columns = {n: np.array([s.get(n, np.nan) for s in scores], dtype=np.float64) for n in names}
     correct = np.array([1.0 if grader(g.text, gold[g.id]) else 0.0 for g in ok])
@@ -170,13 +176,17 @@ def fit_method(
     folds: int = 5,
     seed: int = 0,
     ece_bins: int = 10,
+    extra_inputs: Sequence[str] = (),
+    base_inputs: Sequence[str] | None = None,
 ) -> list[tuple[Candidate, Calibrator]]:
     """Candidates for ``method``'s calibration, the one to write first.
 
     ``hybrid`` (without ``score``) is :func:`fit_hybrid`; otherwise every (score,
     calibrator) pair, the scores being ``score`` or those of the method that ``data`` can
-    fit, ranked by :func:`~proxy.confidence.fitting.select`. ``ValueError`` says why
-    nothing can be fitted.
+    fit, ranked by :func:`~proxy.confidence.fitting.select`. ``extra_inputs`` are added
+    to the logistic candidate's (the text scores, ``abstain calibrate --text-scores``);
+    ``base_inputs`` replace its default ones (sentences: ``SENTENCE_LOGISTIC_FEATURES``).
+    ``ValueError`` says why nothing can be fitted.
     """
     if method == "hybrid" and not score:
         problem = unfit_reason(data, HYBRID_FEATURES, folds)
@@ -188,7 +198,7 @@ def fit_method(
     fittable = [s for s, problem in problems.items() if problem is None]
     if not fittable:
         raise ValueError(next(p for p in problems.values() if p))
-    combined = logistic_inputs(data, method, fittable)
+    combined = logistic_inputs(data, method, fittable, extra_inputs, base_inputs)
     if score or unfit_reason(data, combined, folds):
         # One score alone makes the logistic model a Platt scaling: nothing to add.
         kinds = [k for k in kinds if k != "logistic"]
@@ -205,14 +215,23 @@ def fit_method(
     )
 
 
-def logistic_inputs(data: Labelled, method: str, fittable: Sequence[str]) -> list[str]:
-    """The multi-score logistic candidate's inputs: those every scored answer has.
+def logistic_inputs(
+    data: Labelled,
+    method: str,
+    fittable: Sequence[str],
+    extra: Sequence[str] = (),
+    base: Sequence[str] | None = None,
+) -> list[str]:
+    """The multi-score logistic candidate's inputs (plus ``extra``): those every scored
+    answer has.
 
     A feature some answers lack (``first_margin`` without top-k logprobs) would leave those
     answers without a P(correct) in the proxy, and would judge the candidate on fewer rows
     than its rivals; it is dropped instead.
     """
-    wanted = LOGISTIC_FEATURES if method == "logprobs" else fittable
+    if base is None:
+        base = LOGISTIC_FEATURES if method == "logprobs" else fittable
+    wanted = [*base, *extra]
     scored = ~np.isnan(data.features[fittable[0]])
     return [
         f for f in wanted if f in data.features and not np.isnan(data.features[f][scored]).any()

@@ -12,7 +12,15 @@
                  [--thresholds 0,0.5,0.75,0.9] --out DIR
 
 ``SET`` is a packaged question set by short name (``facts-dev``, ``facts-extra``,
-``nq-open``: :data:`proxy.evaluation.datasets.PACKAGED`) or the path of a JSON Lines file.
+``nq-open``, ``facts-multi-dev``, ``facts-multi-test``:
+:data:`proxy.evaluation.datasets.PACKAGED`) or the path of a JSON Lines file.
+
+A multi-claim set (rows with ``claims``, :mod:`proxy.evaluation.claims`) is recognised
+from its rows: every sentence of every answer is then one labelled example, scored as
+the proxy scores sentences, and the calibration records ``granularity: sentence``; its
+default template is ``sentences-fewshot``, and ``eval`` judges it with every rule at
+``granularity: sentence``.
+
 The work lives in :mod:`~proxy.evaluation.calibrate`, :mod:`~proxy.evaluation.evaluate`,
 :mod:`~proxy.evaluation.runner` and :mod:`~proxy.evaluation.offline_samples`; this module only
 wires them to the command line.
@@ -81,14 +89,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     dataset_help = f"question set: a packaged one ({', '.join(PACKAGED)}) or a JSON Lines file"
     p.add_argument("--dataset", help=dataset_help)
     p.add_argument("--model", help="model name to ask (and to record)")
-    p.add_argument("--template", default="qa-fewshot", choices=sorted(TEMPLATES))
+    template_help = "default: qa-fewshot, or sentences-fewshot for a multi-claim set"
+    p.add_argument("--template", choices=sorted(TEMPLATES), help=template_help)
+    # Set from the dataset's rows (_questions); a decision log is never multi-claim.
+    p.set_defaults(multi_claim=False)
     p.add_argument("--grader", default="match", choices=sorted(GRADERS))
     p.add_argument("--split", default="all", choices=SPLITS, help="which part of the set")
     p.add_argument("--held-out-fraction", type=float, default=0.4)
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--limit", type=int, help="ask at most this many questions")
     p.add_argument("--concurrency", type=int, default=2, help="requests in flight")
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, help="answer budget (default: the template's)")
     p.add_argument("--api-key", help="sent as a bearer token (a proxy may need one)")
     p.add_argument(
         "--cache-dir", type=Path, default=DEFAULT_CACHE, help="answer cache (default %(default)s)"
@@ -121,6 +132,13 @@ def add_commands(sub: Any) -> None:
     # Brier by default: it weighs a miss equally wherever p lies, as threshold decisions
     # do; log loss is dominated by the rare confident miss near p = 0, far from any t.
     cal.add_argument("--select-by", default="brier", choices=["brier", "log_loss"])
+    text_help = (
+        "add the answer-text inputs (question_overlap, answer_min_logprob) to the "
+        "logistic candidate: better where live traffic is "
+        "worded and asked like the fit set, worse calibrated where it is not "
+        "(docs/calibration.md, shift)"
+    )
+    cal.add_argument("--text-scores", action="store_true", help=text_help)
     cal.add_argument("--folds", type=int, default=5)
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--out", type=Path, required=True, help="calibration file to write")
@@ -150,9 +168,17 @@ def _fail(message: str) -> int:
 
 
 def _questions(args: argparse.Namespace) -> Any:
+    """The questions asked, and the template and token budget they are asked with
+    (resolved here: a multi-claim set defaults to the one-sentence-per-fact template)."""
     from proxy.evaluation import datasets
+    from proxy.evaluation.prompts import get_template
 
     every = datasets.load_questions(args.dataset)
+    args.multi_claim = datasets.is_multi_claim(every)
+    if args.template is None:
+        args.template = "sentences-fewshot" if args.multi_claim else "qa-fewshot"
+    if args.max_tokens is None:
+        args.max_tokens = get_template(args.template).max_tokens
     return datasets.select(
         every, args.split, args.held_out_fraction, args.split_seed, limit=args.limit
     )
@@ -192,6 +218,11 @@ def _from_dataset(args: argparse.Namespace, method: str) -> Any:
     matcher = None
     try:
         questions = _questions(args)
+        if args.multi_claim and method != "logprobs":
+            return (
+                f"{args.dataset} is a multi-claim set, judged sentence by sentence: only "
+                "--method logprobs scores sentences (on their own tokens)"
+            )
         if method != "logprobs":
             # Loaded before anything is asked: a missing extra fails now, not after an
             # hour of sampling. One torch thread was 2.5x faster than torch's default on a
@@ -228,7 +259,17 @@ def _from_dataset(args: argparse.Namespace, method: str) -> Any:
             progress=None if args.quiet else sys.stderr,
         )
         fitted_on.update(drawn_with)
-    data = label(questions, gens, get_grader(args.grader), features)
+    if args.multi_claim:
+        from proxy.evaluation import claims
+
+        template = get_template(args.template)
+        data, stats = claims.label(questions, gens, get_grader(args.grader), template, args.model)
+        for line in stats.lines():
+            print(line)
+        # The proxy's sentence scores: every token of the sentence.
+        fitted_on.update(granularity="sentence", sentence_tokens="all")
+    else:
+        data = label(questions, gens, get_grader(args.grader), features)
     if data.failed:
         print(f"warning: {data.failed} questions failed and were left out", file=sys.stderr)
     return data, fitted_on
@@ -236,6 +277,7 @@ def _from_dataset(args: argparse.Namespace, method: str) -> Any:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from proxy.confidence.calibration import Logistic
+    from proxy.confidence.features import SENTENCE_LOGISTIC_FEATURES, TEXT_SCORES
     from proxy.confidence.fitting import FITTERS
     from proxy.evaluation.calibrate import (
         Labelled,
@@ -284,9 +326,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             folds=args.folds,
             seed=args.seed,
             ece_bins=args.ece_bins,
+            extra_inputs=TEXT_SCORES if args.text_scores else (),
+            base_inputs=SENTENCE_LOGISTIC_FEATURES if args.multi_claim else None,
         )
     except ValueError as exc:
         return _fail(f"cannot fit: {exc}")
+    lacking = [n for n in TEXT_SCORES if n not in data.features] if args.text_scores else []
+    if lacking:
+        # A decision log holds them only for answers judged by a calibration reading them.
+        print(f"warning: the labelled answers lack {', '.join(lacking)}: left out of the "
+              "logistic candidate", file=sys.stderr)  # fmt: skip
     print(f"{data.n} labelled answers, {int(data.correct.sum())} right")
     # The hybrid is written whatever its rank: the rows after it show each half alone.
     criterion = None if method == "hybrid" and not args.score else args.select_by
@@ -324,7 +373,11 @@ async def _eval_generations(args: argparse.Namespace, questions: Any) -> tuple[s
         return "external", gens, {"base_url": args.base_url}
     policy = args.policy or Path("policies/default.yaml")
     data = inproc.derived_policy(
-        policy, model=args.model, calibration=args.calibration, upstream_url=args.upstream_url
+        policy,
+        model=args.model,
+        calibration=args.calibration,
+        upstream_url=args.upstream_url,
+        granularity="sentence" if args.multi_claim else None,
     )
     async with inproc.proxy_transport(data) as transport:
         gens = await _ask(
@@ -342,6 +395,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from proxy.evaluation.datasets import DatasetError, dataset_name
     from proxy.evaluation.evaluate import answer_records, draw_charts, evaluate
     from proxy.evaluation.grading import get_grader
+    from proxy.evaluation.prompts import get_template
     from proxy.evaluation.reports import to_markdown, write_report
     from proxy.policy.loading import PolicyError
 
@@ -354,24 +408,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     try:
         questions = _questions(args)
         mode, gens, meta = asyncio.run(_eval_generations(args, questions))
-        report, arrays = evaluate(
-            questions,
-            gens,
-            get_grader(args.grader),
-            mode=mode,
-            model=args.model,
-            dataset=dataset_name(args.dataset),
-            thresholds=args.thresholds,
-            target_error=args.target_error,
-            ece_bins=args.ece_bins,
-            meta={**meta, "split": args.split, "template": args.template, "grader": args.grader},
-        )
+        options: dict[str, Any] = {
+            "mode": mode,
+            "model": args.model,
+            "dataset": dataset_name(args.dataset),
+            "thresholds": args.thresholds,
+            "target_error": args.target_error,
+            "ece_bins": args.ece_bins,
+            "meta": {**meta, "split": args.split, "template": args.template, "grader": args.grader},
+        }
+        grader = get_grader(args.grader)
+        if args.multi_claim:
+            from proxy.evaluation import claims
+
+            template = get_template(args.template)
+            report, arrays, labels = claims.evaluate(questions, gens, grader, template, **options)
+            records = claims.answer_records(questions, gens, labels)
+        else:
+            report, arrays = evaluate(questions, gens, grader, **options)
+            records = answer_records(questions, gens, grader)
     except (DatasetError, PolicyError, ValueError) as exc:
         return _fail(str(exc))
     print(to_markdown(report))
     paths = write_report(report, args.out)
     answers = args.out / "answers.jsonl"
-    records = answer_records(questions, gens, get_grader(args.grader))
     answers.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     paths.append(answers)
     if not args.no_charts:

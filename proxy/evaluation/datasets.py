@@ -1,10 +1,16 @@
 """Labelled question sets (JSON Lines) and their deterministic fit / held-out split.
 
 One question a line: ``{"id": "...", "question": "...", "answers": ["gold", "alias", ...],
-"kind": "..."}`` (``kind`` optional). The split is stratified by ``kind`` and decided by a
-hash of each id, so ``abstain calibrate --split fit`` and ``abstain eval --split held-out``
-agree on which question is where without storing a split file, and no question is ever
-used both to fit a calibration and to judge it.
+"kind": "..."}`` (``kind`` optional). A *multi-claim* question, whose answer states several
+facts judged sentence by sentence (:mod:`proxy.evaluation.claims`), has one gold list per
+expected claim instead of ``answers``: ``"claims": [{"about": "capital", "answers":
+[...]}, ...]`` (an optional ``"keywords"`` list names the words that say a sentence is
+about that claim). A set is one kind or the other, never both.
+
+The split is stratified by ``kind`` and decided by a hash of each id, so ``abstain
+calibrate --split fit`` and ``abstain eval --split held-out`` agree on which question is
+where without storing a split file, and no question is ever used both to fit a
+calibration and to judge it.
 
 The sets the project ships live in ``proxy/data`` (package data, see its README for
 sources and licences); :func:`resolve` maps their short names (:data:`PACKAGED`) to the
@@ -19,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeGuard
 
 Split = Literal["all", "fit", "held-out"]
 SPLITS: tuple[Split, ...] = ("all", "fit", "held-out")
@@ -38,6 +44,8 @@ PACKAGED: dict[str, str] = {
     "facts-dev": "facts-dev.jsonl",
     "facts-extra": "facts-extra.jsonl",
     "nq-open": "nq-open.jsonl",
+    "facts-multi-dev": "facts-multi-dev.jsonl",
+    "facts-multi-test": "facts-multi-test.jsonl",
 }
 
 
@@ -64,13 +72,50 @@ def resolve(dataset: str | Path) -> Path:
 
 
 @dataclass(frozen=True)
+class Claim:
+    """One fact a multi-claim question expects: what it is about, and its gold answers."""
+
+    about: str
+    answers: tuple[str, ...]
+    #: words that mark a sentence as stating this claim (empty: the default for ``about``,
+    #: :data:`proxy.evaluation.claims.KEYWORDS`)
+    keywords: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Question:
-    """One labelled question."""
+    """One labelled question (``answers`` empty when it is multi-claim: see ``claims``)."""
 
     id: str
     question: str
     answers: tuple[str, ...]
     kind: str = ""
+    claims: tuple[Claim, ...] = ()
+
+
+def _strings(value: object) -> TypeGuard[list[str]]:
+    return isinstance(value, list) and bool(value) and all(isinstance(a, str) for a in value)
+
+
+def _claims(raw: object, where: str) -> tuple[Claim, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise DatasetError(f"{where}: 'claims' must be a non-empty list")
+    out = []
+    for i, claim in enumerate(raw):
+        if not isinstance(claim, dict):
+            raise DatasetError(f"{where}: claim {i} must be an object")
+        about, answers, keywords = claim.get("about"), claim.get("answers"), claim.get("keywords")
+        if not isinstance(about, str) or not about.strip():
+            raise DatasetError(f"{where}: claim {i} needs a non-empty string 'about'")
+        if not _strings(answers):
+            raise DatasetError(f"{where}: claim {i}: 'answers' must be a non-empty list of strings")
+        words: tuple[str, ...] = ()
+        if keywords is not None:
+            if not _strings(keywords):
+                raise DatasetError(f"{where}: claim {i}: 'keywords' must be a list of strings")
+            words = tuple(keywords)
+        out.append(Claim(about.strip(), tuple(answers), words))
+    return tuple(out)
 
 
 def _parse(line: str, where: str) -> Question:
@@ -83,9 +128,14 @@ def _parse(line: str, where: str) -> Question:
     qid, text, answers = row.get("id"), row.get("question"), row.get("answers")
     if not isinstance(qid, str | int) or not isinstance(text, str) or not text.strip():
         raise DatasetError(f"{where}: needs a string 'id' and a non-empty 'question'")
-    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+    kind = str(row.get("kind") or "")
+    if "claims" in row:
+        if answers is not None:
+            raise DatasetError(f"{where}: give 'answers' or 'claims', not both")
+        return Question(str(qid), text.strip(), (), kind, _claims(row["claims"], where))
+    if not _strings(answers):
         raise DatasetError(f"{where}: 'answers' must be a non-empty list of strings")
-    return Question(str(qid), text.strip(), tuple(answers), str(row.get("kind") or ""))
+    return Question(str(qid), text.strip(), tuple(answers), kind)
 
 
 def parse_questions(lines: Iterable[str], source: str = "<lines>") -> list[Question]:
@@ -102,7 +152,14 @@ def parse_questions(lines: Iterable[str], source: str = "<lines>") -> list[Quest
         out.append(q)
     if not out:
         raise DatasetError(f"{source}: no questions")
+    if len({bool(q.claims) for q in out}) > 1:
+        raise DatasetError(f"{source}: mixes multi-claim questions ('claims') with single ones")
     return out
+
+
+def is_multi_claim(questions: Sequence[Question]) -> bool:
+    """Whether a set's questions expect several claims each (judged per sentence)."""
+    return bool(questions) and all(q.claims for q in questions)
 
 
 def load_questions(path: str | Path) -> list[Question]:

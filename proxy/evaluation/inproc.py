@@ -4,14 +4,16 @@
 copy of the policy, runs its lifespan, and sends the questions through
 ``httpx.ASGITransport``: the same routes, pipeline, calibration and decision as
 ``abstain serve``, only without uvicorn in between. The copy differs from the file in
-three ways, all so that one run yields the whole table:
+these ways, all so that one run yields the whole table:
 
 * every ``action`` becomes ``annotate``, so the model's answer always comes back with
   the proxy's verdict; the table then applies the proxy's own rule (abstain iff
   P(correct) ≤ t) to the returned confidence at each threshold t;
 * ``--calibration`` (when given) replaces the calibration for every rule, and relative
   calibration paths are made absolute (the copy lives in a temporary directory);
-* ``--upstream-url`` (when given) replaces the ``base_url`` of the model's upstream.
+* ``--upstream-url`` (when given) replaces the ``base_url`` of the model's upstream;
+* for a multi-claim question set, every rule judges ``granularity: sentence``: the
+  report's rows are sentences, so each needs its own verdict.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def derived_policy(
     model: str,
     calibration: Path | None = None,
     upstream_url: str | None = None,
+    granularity: str | None = None,
 ) -> dict[str, Any]:
     """The policy data the in-process proxy runs with (see the module docstring)."""
     data = yaml.safe_load(policy.read_text(encoding="utf-8"))
@@ -55,6 +58,8 @@ def derived_policy(
             layer["calibration"] = str(calibration.resolve())
         elif layer.get("calibration"):
             layer["calibration"] = str((base / layer["calibration"]).resolve())
+        if granularity is not None and (layer is data["defaults"] or "granularity" in layer):
+            layer["granularity"] = granularity
     if upstream_url is not None:
         route = (data.get("models") or {}).get(model)
         if not isinstance(route, dict) or route.get("upstream") not in (

@@ -36,6 +36,9 @@ class EvalReport:
     proxy: tuple[Outcome | None, ...] | None
     metrics: Mapping[str, float | int | None] = field(default_factory=dict)
     meta: Mapping[str, Any] = field(default_factory=dict)
+    #: what a row of the table is: a question's answer, or one sentence of it
+    #: (multi-claim sets, :mod:`proxy.evaluation.claims`)
+    unit: str = "questions"
 
 
 def table_rows(
@@ -88,7 +91,7 @@ def to_markdown(report: EvalReport) -> str:
     """The table and the metrics as Markdown."""
     heads = ["abstain", "right", "wrong", "wrong of answered", "score"]
     lines = [
-        f"## {report.model} on {report.dataset} ({report.n} questions, {report.mode})",
+        f"## {report.model} on {report.dataset} ({report.n} {report.unit}, {report.mode})",
         "",
     ]
     cols = ["t", "wrong costs"] + [f"alone: {h}" for h in heads]
@@ -102,7 +105,7 @@ def to_markdown(report: EvalReport) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Rates are over all questions except *wrong of answered*. Score: right +1, "
+        f"Rates are over all {report.unit} except *wrong of answered*. Score: right +1, "
         "wrong −t/(1−t), abstain 0, averaged. The proxy answers iff P(correct) > t.",
         "",
     ]
@@ -153,6 +156,7 @@ def to_json(report: EvalReport) -> dict[str, Any]:
         "model": report.model,
         "mode": report.mode,
         "n": report.n,
+        "unit": report.unit,
         "table": rows,
         "metrics": dict(report.metrics),
         "meta": dict(report.meta),

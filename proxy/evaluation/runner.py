@@ -25,6 +25,7 @@ from typing import Any, TextIO
 import httpx
 
 from proxy.confidence.logprobs import scores_from_choice
+from proxy.confidence.shift_scores import text_scores_of_choice
 from proxy.evaluation.datasets import Question
 from proxy.evaluation.prompts import Template
 
@@ -39,6 +40,9 @@ class Generation:
     finish_reason: str | None = None
     #: the choice's ``logprobs`` field as received, so every score can be recomputed
     logprobs: dict[str, Any] | None = None
+    #: the choice's text exactly as received (``text`` is its first line, trimmed): the
+    #: token offsets of per-sentence scores are offsets into it; None in older caches
+    raw_text: str | None = None
     #: the proxy's verdict for this choice, when a proxy answered
     abstention: dict[str, Any] | None = None
     response_id: str | None = None
@@ -48,6 +52,11 @@ class Generation:
     def scores(self) -> dict[str, float]:
         """Every logprob score the proxy can compute from this answer."""
         return scores_from_choice(self.logprobs)
+
+    def text_scores(self, question: str | None) -> dict[str, float]:
+        """The scores of this answer's token texts against ``question`` (issue 12.4),
+        as the proxy computes them for a calibration that reads them."""
+        return text_scores_of_choice(self.logprobs, question)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -179,14 +188,17 @@ async def ask_all(
     cache: GenerationCache | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
     api_key: str | None = None,
-    max_tokens: int = 16,
+    max_tokens: int | None = None,
     top_logprobs: int = 5,
     timeout: float = 120.0,
     retries: int = 2,
     progress: TextIO | None = sys.stderr,
     label: str = "asking",
 ) -> list[Generation]:
-    """One :class:`Generation` per question, in order; failures carry ``error``."""
+    """One :class:`Generation` per question, in order; failures carry ``error``.
+
+    ``max_tokens``: the answer's token budget (None: the template's own).
+    """
     cache = cache or GenerationCache(None)
     bar = Progress(len(questions), label, progress)
     limit = asyncio.Semaphore(max(1, concurrency))
@@ -218,6 +230,7 @@ async def ask_all(
                 id=q.id,
                 key=key,
                 text=template.answer(choice),
+                raw_text=template.raw_text(choice),
                 finish_reason=choice.get("finish_reason"),
                 logprobs=logprobs if isinstance(logprobs, dict) else None,
                 abstention=abstention if isinstance(abstention, dict) else None,

@@ -16,8 +16,9 @@ import pytest
 
 from proxy.cli import main
 from proxy.confidence.calibration import load_calibration
-from proxy.confidence.features import LOGISTIC_FEATURES
+from proxy.confidence.features import LOGISTIC_FEATURES, TEXT_SCORES
 from proxy.confidence.logprobs import scores_from_choice
+from proxy.confidence.shift_scores import text_scores_of_choice
 from proxy.evaluation.calibrate import Labelled, logistic_inputs
 from proxy.evaluation.prompts import get_template
 from tests.eval import fake_model
@@ -69,6 +70,20 @@ def test_calibrate_weighs_a_logistic_model_over_every_logprob_feature(
     prompt = get_template("qa-fewshot").prompt("What is the capital of Country0?")
     choice = fake_model.completion({"prompt": prompt})["choices"][0]
     assert cal(scores_from_choice(choice["logprobs"])) is not None
+
+
+def test_calibrate_with_text_scores_adds_them_to_the_logistic_model(
+    dataset: Path, model_url: str, tmp_path: Path
+) -> None:
+    path = _calibrate(dataset, model_url, tmp_path, "--calibrators", "logistic", "--text-scores")
+    cal = load_calibration(path)
+    assert cal.inputs == (*LOGISTIC_FEATURES, *TEXT_SCORES)
+    assert cal.reference is not None and set(TEXT_SCORES) <= set(cal.reference.inputs)
+    question = "What is the capital of Country0?"
+    choice = fake_model.completion({"prompt": get_template("qa-fewshot").prompt(question)})
+    logprobs = choice["choices"][0]["logprobs"]
+    assert cal(scores_from_choice(logprobs)) is None  # the text inputs are needed
+    assert cal(scores_from_choice(logprobs) | text_scores_of_choice(logprobs, question)) is not None
 
 
 def test_logistic_inputs_drop_a_feature_some_answers_lack() -> None:
