@@ -1,0 +1,400 @@
+"""One choice of a ``streaming: sentence`` stream: its held text, judged part by part.
+
+A :class:`SentenceChoice` reads the choice's deltas, decides each segment once it is
+complete (:func:`proxy.sentences.complete`), and keeps what is owed to the client: the
+text of the parts sent (kept, replaced or hedged, white space verbatim), the logprob
+entries of the tokens sent as the model wrote them, and, until a part is kept, the
+markers held back. :mod:`proxy.sentence_stream` drives one per choice index and turns what
+they owe into SSE chunks.
+
+No web framework: it reads the wire format through :mod:`proxy.protocol`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from proxy.confidence.logprobs import scores_from_tokens
+from proxy.confidence.spans import segment_scores, token_offsets
+from proxy.evidence import ChoiceEvidence, Tokens
+from proxy.judge import judge_sentences, summarize
+from proxy.policy.rules import Rule
+from proxy.protocol import Kind, choice_text, trim_top_logprobs
+from proxy.rewrite import apply_verdict, sentence_text
+from proxy.sentences import Segment, complete, split
+from proxy.verdict import SentenceVerdict, Verdict
+
+#: Decisions under which a part is sent as the model wrote it (its tokens may go out).
+_AS_IS = ("answer", "annotate", "unjudged")
+#: Decisions under which the client sees the part (a kept sentence ends the hold).
+_SHOWN = ("answer", "hedge", "annotate")
+#: What every complete segment ends with, or is followed by: a sentence's end or a line
+#: break. Until one follows the last decided segment, there is nothing new to split.
+_MAYBE_END = re.compile(r"[.!?…。！？\n]")
+
+
+@dataclass(slots=True)
+class SentenceChoice:
+    """One choice index: its text so far, the parts judged, and what the client got."""
+
+    index: int
+    kind: Kind
+    #: the client asked for logprobs: keep each scored token's wire entry
+    keep_entries: bool
+    text: str = ""
+    finish_reason: str | None = None
+    #: logprob entries received (every token the upstream generated for this choice)
+    generated: int = 0
+    #: the wire entry of each scored token (aligned with the evidence's tokens): a chat
+    #: entry dict, or (token, logprob, top, text_offset) of the completions shape
+    entries: list[Any] = field(default_factory=list)
+    chat_shape: bool = True
+    #: decided parts, in order: their segments (offsets in ``text``) and verdicts (offsets
+    #: in the client's text once placed)
+    segments: list[Segment] = field(default_factory=list)
+    parts: list[SentenceVerdict] = field(default_factory=list)
+    #: complete segments at the last attempt the tokens could not be aligned
+    unaligned_at: int = -1
+    #: stop_on_withheld: where the answer ends (the end of its first withheld sentence)
+    stop_at: int | None = None
+    # What the client gets, built as :func:`proxy.rewrite.rewrite_sentences` builds it.
+    cursor: int = 0
+    length: int = 0
+    previous: SentenceVerdict | None = None
+    #: a kept sentence was placed: nothing is held back any more
+    shown: bool = False
+    held: list[str] = field(default_factory=list)
+    held_entries: list[Any] = field(default_factory=list)
+    out: list[str] = field(default_factory=list)
+    out_entries: list[Any] = field(default_factory=list)
+    role_sent: bool = False
+    # Which tokens may go out: those inside a run of text sent verbatim.
+    next_token: int = 0
+    run_start: int | None = None
+    run_client: int = 0
+    offsets: list[int] | None = None
+    offsets_for: tuple[int, int] = (-1, -1)
+    no_logprobs: bool = False
+
+    # ---------------------------------------------------------------- reading chunks
+
+    def read(self, choice: dict[str, Any]) -> bool:
+        """Take one upstream choice delta; whether it added text."""
+        logprobs = choice.get("logprobs")
+        if isinstance(logprobs, dict):
+            self._count(logprobs)
+        reason = choice.get("finish_reason")
+        if isinstance(reason, str):
+            self.finish_reason = reason
+        if self.kind == "completions":
+            piece = choice.get("text")
+        else:
+            piece = (choice.get("delta") or {}).get("content")
+        if self.stop_at is not None or not isinstance(piece, str) or not piece:
+            return False
+        self.text += piece
+        return True
+
+    def _count(self, logprobs: dict[str, Any]) -> None:
+        content = logprobs.get("content")
+        if isinstance(content, list):
+            self.generated += len(content)
+            if self.keep_entries:
+                self.entries += [e for e in content if e.get("logprob") is not None]
+            return
+        tokens = logprobs.get("tokens")
+        if not isinstance(tokens, list):
+            return
+        self.generated += len(tokens)
+        if self.keep_entries:
+            self.chat_shape = False
+            lps = logprobs.get("token_logprobs") or []
+            tops = logprobs.get("top_logprobs") or []
+            at = logprobs.get("text_offset") or []
+            for i, token in enumerate(tokens):
+                lp = lps[i] if i < len(lps) else None
+                if lp is not None:
+                    top = tops[i] if i < len(tops) else None
+                    self.entries.append((token, lp, top, at[i] if i < len(at) else None))
+
+    def others(self, choice: dict[str, Any]) -> dict[str, Any] | None:
+        """The chat delta's fields other than the text (tool calls, …), to relay as is."""
+        if self.kind != "chat":
+            return None
+        delta = choice.get("delta") or {}
+        rest = {k: v for k, v in delta.items() if k not in ("role", "content") and v is not None}
+        return rest or None
+
+    # ------------------------------------------------------------------ judging
+
+    def advance(self, tokens: Callable[[], Tokens | None], rule: Rule) -> None:
+        """Judge and place the segments completed since the last call (``tokens``: the
+        scored tokens so far, read only when there is something to judge)."""
+        if self.stop_at is not None or _MAYBE_END.search(self.text, self.cursor) is None:
+            return  # the cheap test first: most chunks complete nothing
+        region = self._region()
+        if region is None:
+            return
+        new = [
+            Segment(s.start + region, s.end + region, s.kind)
+            for s in complete(self.text[region:])
+            if s.start + region >= self.cursor
+        ]
+        if not new or len(new) == self.unaligned_at:
+            return
+        scores, scored = None, tokens()
+        if scored is not None:
+            scores = segment_scores(new, self.text, scored.texts, scored.lps, scored.tops)
+        if scores is None:
+            # The tokens do not spell the text (so far): hold, and try again with more.
+            self.unaligned_at = len(new)
+            return
+        self.unaligned_at = -1
+        for segment, part in zip(new, judge_sentences(new, scores, rule, sent=False), strict=True):
+            self.segments.append(segment)
+            self.parts.append(part)
+            self.place(part, rule)
+            if rule.stop_on_withheld and part.decision == "abstain":
+                self.stop_at = segment.end
+                return
+
+    def _region(self) -> int | None:
+        """Where to split again from: the start of the line of the first undecided
+        segment (splitting is line by line, so from there it cuts as the whole text)."""
+        if not self.segments:
+            return 0
+        last = self.segments[-1]
+        if last.kind == "sentence":
+            return self.text.rfind("\n", 0, last.start) + 1
+        # A list line or a code block ends its line: the next segment is on a later one.
+        eol = self.text.find("\n", last.end)
+        return None if eol < 0 else eol + 1
+
+    # ------------------------------------------------------------ what is sent
+
+    def place(self, part: SentenceVerdict, rule: Rule) -> None:
+        """Add what the client gets for one judged part (at its offsets in ``text``, which
+        are moved to the client's text), as :func:`~proxy.rewrite.rewrite_sentences` does."""
+        assert part.start is not None and part.end is not None
+        start, end = part.start, part.end
+        gap = self.text[self.cursor : start]
+        previous = self.previous
+        run = (
+            previous is not None
+            and previous.decision == "abstain"
+            and part.decision == "abstain"
+            and "\n" not in gap
+        )
+        new = sentence_text(self.text, part, rule, after_withheld=run)
+        gap_start, self.cursor = self.cursor, end
+        if run and not new:
+            assert previous is not None
+            # Shares the replacement of the withheld sentence before it (and drops the gap).
+            part.start, part.end = previous.start, previous.end
+            self._withheld_tokens(end)
+            return
+        entries = self._verbatim(gap_start, start, self.length)
+        if part.decision in _AS_IS:
+            entries += self._verbatim(start, end, self.length + len(gap))
+        else:
+            self._withheld_tokens(end)
+        part.start = self.length + len(gap)
+        part.end = part.start + len(new)
+        self.previous = part
+        self._put(gap + new, entries, shows=part.decision in _SHOWN)
+
+    def _put(self, piece: str, entries: list[Any], *, shows: bool) -> None:
+        if shows and not self.shown:
+            self.shown = True
+            self.out += self.held
+            self.out_entries += self.held_entries
+            self.held.clear()
+            self.held_entries.clear()
+        self.length += len(piece)
+        if self.shown:
+            self.out.append(piece)
+            self.out_entries += entries
+        else:
+            self.held.append(piece)
+            self.held_entries += entries
+
+    def take(self) -> tuple[str, list[Any]]:
+        """The text (and logprob entries) ready to send, and forget it."""
+        text, entries = "".join(self.out), self.out_entries
+        self.out, self.out_entries = [], []
+        return text, entries
+
+    # ----------------------------------------------------------------- logprobs
+
+    def _token_offsets(self) -> list[int] | None:
+        if self.no_logprobs or not self.keep_entries:
+            return None
+        key = (len(self.text), len(self.entries))
+        if key != self.offsets_for:
+            texts = [e.get("token") if isinstance(e, dict) else e[0] for e in self.entries]
+            strings = [t for t in texts if isinstance(t, str)]
+            ok = len(strings) == len(texts)
+            self.offsets = token_offsets(strings, self.text) if ok else None
+            self.offsets_for = key
+            if self.offsets is None:
+                # The tokens cannot be placed in the text: which are safe is unknown.
+                self.no_logprobs = True
+        return self.offsets
+
+    def _token_text(self, i: int) -> str:
+        entry = self.entries[i]
+        text = entry.get("token") if isinstance(entry, dict) else entry[0]
+        return text if isinstance(text, str) else ""
+
+    def _verbatim(self, start: int, end: int, client_start: int) -> list[Any]:
+        """``text[start:end]`` goes out as written, at ``client_start`` in the client's text:
+        the tokens now wholly inside the current verbatim run may go out with it."""
+        offsets = self._token_offsets()
+        if offsets is None:
+            return []
+        if self.run_start is None:
+            self.run_start, self.run_client = start, client_start
+        released = []
+        while self.next_token < len(offsets):
+            at = offsets[self.next_token]
+            length = len(self._token_text(self.next_token))
+            if at + length > end:
+                break  # not all of it is out yet
+            if at >= self.run_start:
+                released.append(self._client_entry(self.next_token, at))
+            self.next_token += 1
+        return released
+
+    def _withheld_tokens(self, end: int) -> None:
+        """The text up to ``end`` is not sent as written: its tokens never go out."""
+        offsets = self._token_offsets()
+        self.run_start = None
+        if offsets is None:
+            return
+        while self.next_token < len(offsets) and offsets[self.next_token] < end:
+            self.next_token += 1
+
+    def _client_entry(self, i: int, at: int) -> Any:
+        entry = self.entries[i]
+        if isinstance(entry, dict):
+            return entry
+        assert self.run_start is not None
+        token, lp, top, offset = entry
+        # Where the token is in the client's text, on the upstream's own base.
+        if isinstance(offset, int):
+            offset += self.run_client + (at - self.run_start) - at
+        return (token, lp, top, offset)
+
+    def logprobs(self, entries: list[Any], top_k: int | None) -> dict[str, Any]:
+        """The client's ``logprobs`` object for ``entries``, in the upstream's shape."""
+        out: dict[str, Any]
+        if self.chat_shape:
+            out = {"content": entries}
+        else:
+            out = {
+                "tokens": [e[0] for e in entries],
+                "token_logprobs": [e[1] for e in entries],
+                "top_logprobs": [e[2] for e in entries],
+                "text_offset": [e[3] for e in entries],
+            }
+        if top_k is not None:
+            trim_top_logprobs(out, top_k)
+        return out
+
+    # --------------------------------------------------------------- the end
+
+    def truncated(self, evidence: ChoiceEvidence) -> ChoiceEvidence:
+        """The evidence of the answer as stopped: up to its first withheld sentence."""
+        assert self.stop_at is not None
+        full = self.text
+        self.text = full[: self.stop_at]
+        tokens = evidence.tokens
+        if tokens is None:
+            return ChoiceEvidence(evidence.index, self.text, {}, evidence.tool_call)
+        offsets = token_offsets(tokens.texts, full)
+        if offsets is None:  # unaligned: cut by length
+            offsets, at = [], 0
+            for text in tokens.texts:
+                offsets.append(at)
+                at += len(text)
+        k = sum(1 for at in offsets if at < self.stop_at)
+        tops = tokens.tops[:k] if tokens.tops else []
+        kept = Tokens(tokens.texts[:k], tokens.lps[:k], tops)
+        scores = scores_from_tokens(kept.lps, kept.tops)
+        return ChoiceEvidence(evidence.index, self.text, scores, evidence.tool_call, tokens=kept)
+
+    def settle(self, verdict: Verdict, tokens: Tokens | None, rule: Rule) -> None:
+        """Make the judge's verdict on the whole answer describe what was sent (in place).
+
+        In the normal case its first parts are the ones already sent, with the same
+        decisions (prefix-stable splitting and scores): they are taken over with their
+        offsets in the client's text. If they differ and nothing was sent yet, the judge's
+        verdict stands and the answer is placed anew from it; if something was sent, the
+        verdict is rebuilt from the decisions the client got.
+        """
+        decided = len(self.parts)
+        if not decided:
+            return
+        judged = verdict.sentences
+        if (
+            judged is not None
+            and len(judged) >= decided
+            and all(
+                (p.decision, p.start, p.end) == (part.decision, seg.start, seg.end)
+                for p, part, seg in zip(judged, self.parts, self.segments, strict=False)
+            )
+        ):
+            judged[:decided] = self.parts
+            return
+        if not self.shown:
+            self._restart()
+            return
+        rest = [s for s in split(self.text) if s.start >= self.cursor]
+        scores = None
+        if tokens is not None and rest:
+            scores = segment_scores(rest, self.text, tokens.texts, tokens.lps, tokens.tops)
+        parts = judge_sentences(rest, scores or [{} for _ in rest], rule, sent=False)
+        summarize(self.parts + parts, rule, verdict)
+        verdict.reason = (
+            "judged sentence by sentence as streamed; the whole answer's tokens could not "
+            "be aligned with its text as its sentences' were"
+        )
+
+    def _restart(self) -> None:
+        """Forget every part placed (nothing of them was sent)."""
+        self.segments, self.parts = [], []
+        self.cursor = self.length = self.next_token = 0
+        self.previous, self.run_start = None, None
+        self.held, self.held_entries = [], []
+
+    def finish(self, verdict: Verdict, rule: Rule) -> None:
+        """Place the rest of the answer under the final verdict."""
+        text = self.text
+        if verdict.sentences is None:
+            # Judged whole (code only, a tool call, tokens that cannot be aligned): nothing
+            # was sent, so the answer goes out as it would without streaming.
+            self._restart()
+            choice: dict[str, Any] = (
+                {"message": {"role": "assistant", "content": text}}
+                if self.kind == "chat"
+                else {"text": text}
+            )
+            apply_verdict(self.kind, choice, verdict, rule)
+            entries = self._verbatim(0, len(text), 0) if verdict.decision in _AS_IS else []
+            self._put(choice_text(self.kind, choice) or "", entries, shows=True)
+            return
+        for part in verdict.sentences[len(self.parts) :]:
+            self.place(part, rule)
+        entries = self._verbatim(self.cursor, len(text), self.length)
+        self._put(text[self.cursor :], entries, shows=False)
+        if verdict.decision == "abstain":
+            # Nothing was kept (so nothing was sent): the whole answer is the abstention.
+            self.held, self.held_entries = [], []
+            for part in verdict.sentences:
+                part.start = part.end = None
+            self._put(rule.abstention_message, [], shows=True)
+        else:
+            self._put("", [], shows=True)
