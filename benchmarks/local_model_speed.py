@@ -104,9 +104,14 @@ def concurrent_rate(base: str, max_tokens: int, parallel: int) -> float:
 
 
 def start_proxy(url: str, mode: str, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = local_model._free_port()
     policy = tmp / f"policy-{mode}.yaml"
     policy.write_text(POLICY.format(url=url, model=MODEL, mode=mode))
+    return serve(policy)
+
+
+def serve(policy: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """``abstain serve`` on a free port with ``policy``, once it is ready: (process, URL)."""
+    port = local_model._free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.cli", "serve", "--policy", str(policy), "--port",
          str(port), "--log-level", "warning"],

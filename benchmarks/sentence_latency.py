@@ -29,7 +29,6 @@ import json
 import math
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import timeit
@@ -38,13 +37,14 @@ from typing import Any
 
 import httpx
 
+from benchmarks.local_model_speed import serve
 from proxy import local_model
-from proxy.confidence.spans import context_words, segment_scores
+from proxy.confidence.spans import segment_scores
 from proxy.evidence import StreamEvidence
 from proxy.judge import judge_call, judge_sentences, summarize, verdict_on
 from proxy.policy.loading import parse_policy
 from proxy.rewrite import rewrite_sentences
-from proxy.sentence_stream import _Choice
+from proxy.sentence_choice import SentenceChoice
 from proxy.sentences import split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,25 +72,9 @@ tenants: {{bench: {{}}}}
 
 
 def start_proxy(url: str, mode: str, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = local_model._free_port()
     policy = tmp / f"policy-{mode}.yaml"
     policy.write_text(POLICY.format(url=url, model=MODEL, mode=mode, calibration=CALIBRATION))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", "serve", "--policy", str(policy), "--port",
-         str(port), "--log-level", "warning"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("the proxy did not start")
+    return serve(policy)
 
 
 def streamed(proxy: str) -> dict[str, Any]:
@@ -173,11 +157,10 @@ models: {{m: {{upstream: u, granularity: sentence, calibration: "{CALIBRATION}"}
     rule = policy.rule(None, "m")
     tokens, lps, tops = typical_answer()
     text = "".join(tokens)
-    context = context_words([FEW_SHOT + "Q: Tell me about the Eiffel Tower.\nA:"])
 
     def judge() -> None:
         segments = split(text)
-        scores = segment_scores(segments, text, tokens, lps, tops, context)
+        scores = segment_scores(segments, text, tokens, lps, tops)
         assert scores is not None
         parts = judge_sentences(segments, scores, rule, sent=False)
         verdict = summarize(parts, rule, verdict_on({"min_logprob": min(lps)}, rule))
@@ -192,17 +175,17 @@ models: {{m: {{upstream: u, granularity: sentence, calibration: "{CALIBRATION}"}
 
     def stream_path() -> None:
         evidence = StreamEvidence("completions", keep_tokens=True)
-        choice = _Choice(0, "completions", keep_entries=False)
+        choice = SentenceChoice(0, "completions", keep_entries=False)
         for chunk in chunks:
             evidence.add(chunk)
             if choice.read(chunk):
-                choice.advance(lambda: evidence.tokens(0), context, rule)
+                choice.advance(lambda: evidence.tokens(0), rule)
                 choice.take()
         final = evidence.evidence(json_mode=False)
-        final.already_sent, final.context = False, context
+        final.already_sent = False
         verdict = judge_call(final, rule)[0]  # what the pipeline judges at the end
         tail = final.choices[0].tokens
-        choice.settle(verdict, tail, context, rule)
+        choice.settle(verdict, tail, rule)
         choice.finish(verdict, rule)
         choice.take()
 
@@ -212,7 +195,7 @@ models: {{m: {{upstream: u, granularity: sentence, calibration: "{CALIBRATION}"}
 
     parts = judge_sentences(
         split(text),
-        segment_scores(split(text), text, tokens, lps, tops, context) or [],
+        segment_scores(split(text), text, tokens, lps, tops) or [],
         rule,
         sent=False,
     )

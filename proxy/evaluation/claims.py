@@ -57,6 +57,7 @@ from proxy.confidence.logprobs import token_logprobs, token_texts
 from proxy.confidence.spans import context_words, segment_scores
 from proxy.evaluation.calibrate import Labelled
 from proxy.evaluation.datasets import Claim, Question
+from proxy.evaluation.evaluate import confidence_metrics
 from proxy.evaluation.grading import Grader, normalize
 from proxy.evaluation.prompts import Template
 from proxy.evaluation.reports import EvalReport, table_rows
@@ -480,20 +481,9 @@ def evaluate(
             dtype=np.float64,
         )
         arrays["confidence"] = confidence
-        rel = selective.reliability_bins(confidence, correct, ece_bins)
-        curve = selective.risk_coverage(confidence, correct)
+        metrics.update(confidence_metrics(confidence, correct, ece_bins, target_error))
         metrics.update(
             {
-                "AUROC": selective.auroc(confidence, correct),
-                f"ECE ({ece_bins} equal-mass bins, {rel.bins_used} used)": rel.ece,
-                "ECE a perfectly calibrated model would show here": selective.ece_noise_floor(
-                    confidence, ece_bins
-                ),
-                "Brier": selective.brier(confidence, correct),
-                "AURC (area under risk-coverage)": curve.area,
-                f"coverage at ≤{target_error:g} wrong of answered": selective.coverage_at_risk(
-                    confidence, correct, target_error
-                ),
                 "sentences without a confidence": int(np.sum(np.isnan(confidence))),
                 "answers judged whole": stats.judged_whole,
                 "withheld sentences (not gradable)": int(withheld.sum()),

@@ -79,20 +79,9 @@ def evaluate(
         withheld = np.array([(g.abstention or {}).get("decision") == "abstain" for g in ok])
         arrays["confidence"] = confidence
         known = ~np.isnan(confidence)
-        rel = selective.reliability_bins(confidence, correct, ece_bins)
-        curve = selective.risk_coverage(confidence, correct)
+        metrics.update(confidence_metrics(confidence, correct, ece_bins, target_error))
         metrics.update(
             {
-                "AUROC": selective.auroc(confidence, correct),
-                f"ECE ({ece_bins} equal-mass bins, {rel.bins_used} used)": rel.ece,
-                "ECE a perfectly calibrated model would show here": selective.ece_noise_floor(
-                    confidence, ece_bins
-                ),
-                "Brier": selective.brier(confidence, correct),
-                "AURC (area under risk-coverage)": curve.area,
-                f"coverage at ≤{target_error:g} wrong of answered": selective.coverage_at_risk(
-                    confidence, correct, target_error
-                ),
                 "answers without a confidence": int(np.sum(~known)),
                 "calibrated answers": sum(bool((g.abstention or {}).get("calibrated")) for g in ok),
                 "rule mismatches": sum(_mismatch(g) for g in ok),
@@ -171,3 +160,24 @@ def draw_charts(
             title=f"Risk–coverage: {title}",
         ),
     ]
+
+
+def confidence_metrics(
+    confidence: np.ndarray, correct: np.ndarray, ece_bins: int, target_error: float
+) -> dict[str, float | int | None]:
+    """How well ``confidence`` ranks and is calibrated against ``correct``: the rows every
+    evaluation report has (answers or sentences alike)."""
+    rel = selective.reliability_bins(confidence, correct, ece_bins)
+    curve = selective.risk_coverage(confidence, correct)
+    return {
+        "AUROC": selective.auroc(confidence, correct),
+        f"ECE ({ece_bins} equal-mass bins, {rel.bins_used} used)": rel.ece,
+        "ECE a perfectly calibrated model would show here": selective.ece_noise_floor(
+            confidence, ece_bins
+        ),
+        "Brier": selective.brier(confidence, correct),
+        "AURC (area under risk-coverage)": curve.area,
+        f"coverage at ≤{target_error:g} wrong of answered": selective.coverage_at_risk(
+            confidence, correct, target_error
+        ),
+    }
