@@ -53,7 +53,7 @@ from proxy.confidence import fitting, selective
 from proxy.confidence.calibration import Calibration, load_calibration
 from proxy.confidence.features import LOGPROB_SCORES, SENTENCE_LOGISTIC_FEATURES
 from proxy.confidence.risk_control import choose_threshold
-from proxy.evaluation import claims, datasets, inproc, runner
+from proxy.evaluation import claims, claims_eval, datasets, inproc, runner
 from proxy.evaluation.calibrate import Labelled, fit_method, ranking_table
 from proxy.evaluation.commands import DEFAULT_CACHE
 from proxy.evaluation.evaluate import draw_charts
@@ -154,7 +154,7 @@ def _variant_table(
             if s in held.features
         }
         best = max(raw, key=lambda s: raw[s])
-        kept, held, _, _ = claims.kept_and_withheld(p, y, 0.5)
+        kept, held, _, _ = claims_eval.kept_and_withheld(p, y, 0.5)
         labels, _ = claims.label_all(test_q, test_g, GRADER, TEMPLATE, MODEL, context=mode)
         continent = np.array([lab.claims == ("continent",) for lab in labels])[keep_t]
         lines.append(
@@ -244,7 +244,7 @@ def main() -> int:
     _, test_stats = claims.label_all(test_q, test_g, GRADER, TEMPLATE, MODEL)
     cal = load_calibration(SHIPPED)
 
-    report, arrays, proxied = claims.evaluate(
+    report, arrays, proxied = claims_eval.evaluate(
         test_q, via_proxy, GRADER, TEMPLATE, mode="proxy", model=MODEL, dataset=TEST,
         thresholds=THRESHOLDS, ece_bins=BINS,
         meta={"policy": str(POLICY.relative_to(ROOT)), "calibration": SHIPPED.name,
@@ -263,7 +263,7 @@ def main() -> int:
     floor = selective.ece_noise_floor(p, BINS)
     auroc_ci = _bootstrap(p, y, groups, selective.auroc)
     ece_ci = _bootstrap(p, y, groups, lambda a, b: selective.ece(a, b, BINS))
-    kept, held, n_right, n_wrong = claims.kept_and_withheld(p, y, 0.5)
+    kept, held, n_right, n_wrong = claims_eval.kept_and_withheld(p, y, 0.5)
     right_rows, wrong_rows = y == 1, y == 0
     kept_ci = _bootstrap(p[right_rows], y[right_rows], groups[right_rows],
                          lambda a, _b: float(np.mean(a > 0.5)))  # fmt: skip
@@ -335,7 +335,7 @@ def main() -> int:
         return 0
     out = RESULTS / "sentences"
     write_report(report, out)
-    records = claims.answer_records(test_q, via_proxy, proxied)
+    records = claims_eval.answer_records(test_q, via_proxy, proxied)
     (out / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     draw_charts(arrays, out, thresholds=[t for t in THRESHOLDS if t > 0], ece_bins=BINS,
                 title=f"{MODEL} sentences on {TEST}")  # fmt: skip

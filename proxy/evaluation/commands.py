@@ -419,11 +419,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         }
         grader = get_grader(args.grader)
         if args.multi_claim:
-            from proxy.evaluation import claims
+            from proxy.evaluation import claims_eval
 
             template = get_template(args.template)
-            report, arrays, labels = claims.evaluate(questions, gens, grader, template, **options)
-            records = claims.answer_records(questions, gens, labels)
+            report, arrays, labels = claims_eval.evaluate(
+                questions, gens, grader, template, **options
+            )
+            records = claims_eval.answer_records(questions, gens, labels)
         else:
             report, arrays = evaluate(questions, gens, grader, **options)
             records = answer_records(questions, gens, grader)

@@ -150,7 +150,7 @@ def test_a_repeated_claim_is_graded_each_time_and_extra_sentences_are_wrong() ->
     # The cedi was never stated, so the leftover sentence takes it by order.
     assert labels[3].claims == ("currency",) and labels[3].how == "order"
     stats = claims.ClaimStats()
-    claims._count(stats, GHANA, labels)
+    claims.count_claims(stats, GHANA, labels)
     assert stats.repeated == 1 and stats.by_order == 1 and stats.claims_stated == 3
     assert stats.one_per_claim == 0 and stats.sentences == 4 and stats.right == 2
 
