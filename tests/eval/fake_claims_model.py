@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from tests.eval.fake_model import serve_json
 
 N = 60
 _QUESTION = re.compile(r"Q: Tell me about Country(\d+): [^\n]*\nA:$")
@@ -115,27 +115,9 @@ def completion(body: dict[str, Any]) -> dict[str, Any]:
 def serve(seen: list[dict[str, Any]]) -> Iterator[str]:
     """Run the fake on a free loopback port (request bodies appended to ``seen``)."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            length = int(self.headers.get("content-length") or 0)
-            body = json.loads(self.rfile.read(length) or b"{}")
-            seen.append(body)
-            payload = json.dumps(completion(body)).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
+    def answer(body: dict[str, Any]) -> dict[str, Any]:
+        seen.append(body)
+        return completion(body)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serve_json(answer) as url:
+        yield url

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -146,12 +146,20 @@ def transport(counter: Counter | None = None) -> httpx.MockTransport:
 def serve(counter: Counter | None = None) -> Iterator[str]:
     """Run the fake model on a free loopback port; yields its ``/v1`` base URL."""
     seen = counter or Counter()
+    with serve_json(lambda body: completion(body, seen.hit(body))) as url:
+        yield url
+
+
+@contextmanager
+def serve_json(answer: Callable[[dict[str, Any]], dict[str, Any]]) -> Iterator[str]:
+    """A loopback HTTP server answering every POST with ``answer(body)`` as JSON; yields
+    its ``/v1`` base URL (shared by the fake models of the evaluation tests)."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             length = int(self.headers.get("content-length") or 0)
             body = json.loads(self.rfile.read(length) or b"{}")
-            payload = json.dumps(completion(body, seen.hit(body))).encode()
+            payload = json.dumps(answer(body)).encode()
             self.send_response(200)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(payload)))
