@@ -146,8 +146,8 @@ async def draw_all(
     bar = runner.Progress(len(questions), f"samples T={params.temperature}", progress)
     limit = asyncio.Semaphore(max(1, concurrency))
     out = Drawn()
-    async with httpx.AsyncClient(transport=transport) as client:
-        upstream = OpenAIHTTPUpstream("calibrate", config, client, env)
+    async with transport or httpx.AsyncHTTPTransport() as upstream_transport:
+        upstream = OpenAIHTTPUpstream("calibrate", config, upstream_transport, env)
 
         async def one(q: Question) -> None:
             key = sample_key(q, template, model, params, max_tokens=max_tokens)

@@ -37,7 +37,7 @@ log = logging.getLogger("abstain.upstream")
 
 def build_upstreams(
     configs: Mapping[str, UpstreamConfig],
-    client: httpx.AsyncClient,
+    transport: httpx.AsyncBaseTransport,
     env: Mapping[str, str],
     *,
     breakers: Mapping[str, Breaker] | None = None,
@@ -61,7 +61,7 @@ def build_upstreams(
             upstreams[name] = UnconfiguredUpstream(name, config.api_key_env)
             continue
         if config.base_url is not None:
-            inner = OpenAIHTTPUpstream(name, config, client, env, caps=caps)
+            inner = OpenAIHTTPUpstream(name, config, transport, env, caps=caps)
         else:
             from proxy.upstream.litellm_upstream import LiteLLMUpstream
 
@@ -81,12 +81,12 @@ class UpstreamPool:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        transport: httpx.AsyncBaseTransport,
         env: Mapping[str, str],
         metrics: Metrics | None = None,
         caps: ResponseCaps = DEFAULT_CAPS,
     ) -> None:
-        self.client = client
+        self.transport = transport
         self._env = env
         self._metrics = metrics
         self._caps = caps
@@ -100,7 +100,7 @@ class UpstreamPool:
                 kept[name] = upstream.breaker
         self._upstreams = build_upstreams(
             configs,
-            self.client,
+            self.transport,
             self._env,
             breakers=kept,
             on_retry=self._retried,
