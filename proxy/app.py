@@ -31,7 +31,7 @@ from proxy.policy.loading import PolicyStore
 from proxy.recalibration_store import OnlineRecalibration
 from proxy.recalibration_store import store_for as recalibration_store
 from proxy.recording import Recorder
-from proxy.routes import router
+from proxy.routes import routes
 from proxy.settings import Settings, environment
 from proxy.shared_state.memory import FeedbackMemory
 from proxy.upstream.base import ResponseCaps
@@ -176,7 +176,7 @@ def create_app(
     app.state.shared_state = shared
     app.state.recorder = recorder
     app.state.recalibration = recalibration
-    app.include_router(router)
+    app.router.routes.extend(routes)
     app.add_exception_handler(ProxyError, _proxy_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

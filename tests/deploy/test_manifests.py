@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from proxy.policy.loading import load_policy
-from proxy.routes import router
+from proxy.routes import routes
 from tests.deploy.procs import DEPLOY, ROOT
 
 COMPOSE_DIR = DEPLOY / "compose"
@@ -31,7 +31,7 @@ K8S_REDIS = DEPLOY / "kubernetes" / "overlays" / "redis"
 DOCKERFILE = ROOT / "Dockerfile"
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 IMAGE = f"abstain-proxy:{PROJECT['version']}"
-ROUTES = {getattr(route, "path", None) for route in router.routes}
+ROUTES = {route.path for route in routes}
 
 
 def _load_policy_text(text: str, tmp_path: Path) -> Any:
