@@ -9,12 +9,16 @@ measures, interleaving direct and proxied requests so that machine drift hits bo
 * added time to first byte for ``stream: true`` in pass-through mode,
 * the proxy's resident memory when idle, and from process start to first answer.
 
+``--floor`` also measures ``benchmarks/floor_proxy.py``: a bare ASGI app under the same
+server that only forwards, asking the upstream for the same logprobs; what it adds is
+what no proxy on this stack can go below on the machine at hand.
+
 ``--redis`` also starts a loopback ``redis-server`` and measures, beside the in-memory
 proxy, one with ``ABSTAIN_REDIS_URL`` set (both with generous tenant limits, so that the
 shared limiter runs its script on every request and the feedback memory writes each
 response to Redis).
 
-Run:  .venv/bin/python benchmarks/overhead.py [--rounds 5] [--requests 400] [--redis]
+Run:  .venv/bin/python benchmarks/overhead.py [--rounds 5] [--requests 400] [--redis] [--floor]
 """
 
 from __future__ import annotations
@@ -161,15 +165,21 @@ def start_redis() -> tuple[subprocess.Popen[bytes], str]:
 
 
 def first_answer_seconds(
-    policy: Path, cwd: Path = ROOT, env: dict[str, str] | None = None
+    policy: Path, cwd: Path = ROOT, env: dict[str, str] | None = None, *, floor: bool = False
 ) -> tuple[float, subprocess.Popen[bytes], int]:
-    """Seconds from spawning ``abstain serve`` to its first successful completion."""
+    """Seconds from spawning ``abstain serve`` (or the floor proxy) to its first answer."""
     import urllib.request
 
     port = free_port()
     t0 = time.perf_counter()
-    proc = start(["-m", "proxy.cli", "serve", "--policy", str(policy), "--port", str(port),
-                  "--log-level", "warning"], cwd, env)  # fmt: skip
+    if floor:
+        args = ["-m", "uvicorn", "benchmarks.floor_proxy:app", "--port", str(port),
+                "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+                "--log-level", "warning"]  # fmt: skip
+    else:
+        args = ["-m", "proxy.cli", "serve", "--policy", str(policy), "--port", str(port),
+                "--log-level", "warning"]  # fmt: skip
+    proc = start(args, cwd, env)
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     data = __import__("json").dumps(BODY).encode()
     while True:
@@ -202,6 +212,12 @@ def main() -> None:
         help="also measure this checkout with ABSTAIN_REDIS_URL set (starts a loopback "
         "redis-server), beside the in-memory proxy",
     )
+    ap.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure benchmarks/floor_proxy.py, a bare forwarder on the same server: "
+        "the least any proxy on this stack adds here",
+    )
     args = ap.parse_args()
 
     up_port = free_port()
@@ -211,6 +227,8 @@ def main() -> None:
     policy.write_text(POLICY.format(port=up_port, limits=LIMITS if args.redis else ""))
     # (label, checkout, environment); the current checkout comes after the baseline.
     proxies: list[tuple[str, Path, dict[str, str]]] = []
+    if args.floor:
+        proxies.append(("floor", ROOT, {"FLOOR_UPSTREAM": f"http://127.0.0.1:{up_port}/v1"}))
     if args.baseline:
         proxies.append(("before", args.baseline.resolve(), {}))
     proxies.append(("this checkout" if args.baseline else "through proxy", ROOT, {}))
@@ -223,8 +241,9 @@ def main() -> None:
         wait_ready(f"http://127.0.0.1:{up_port}/v1", upstream, timeout=30)
         urls = [f"http://127.0.0.1:{up_port}/v1/chat/completions"]
         startups, idle = [], []
-        for _label, checkout, env in proxies:
-            startup, proc, port = first_answer_seconds(policy, checkout, env)
+        for label, checkout, env in proxies:
+            floor = label == "floor"
+            startup, proc, port = first_answer_seconds(policy, checkout, env, floor=floor)
             procs.append(proc)
             startups.append(startup)
             urls.append(f"http://127.0.0.1:{port}/v1/chat/completions")
