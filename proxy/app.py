@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import httpx
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.telemetry import TelemetryConfig
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -42,6 +43,11 @@ if TYPE_CHECKING:
     from proxy.shared_state.redis_state import RedisState
 
 log = logging.getLogger("abstain")
+
+
+def _telemetry(on: bool) -> TelemetryConfig:
+    # Off: all three switches false, so FastAPI skips its per-request provider lookup.
+    return {"tracing": on, "metrics": on, "logs": on}
 
 
 def _http_transport(
@@ -166,6 +172,7 @@ def create_app(
         openapi_url=None,
         # No 307 to a Location built from the client's Host header for a trailing slash.
         redirect_slashes=False,
+        telemetry=_telemetry(settings.opentelemetry),
     )
     app.state.settings = settings
     app.state.metrics = metrics
