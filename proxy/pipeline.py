@@ -153,7 +153,7 @@ class Pipeline:
         if session is not None and evidence.choices:
             self.recorder.sampling(call, await session.gather(evidence))
         recalibration = None
-        if self.recalibration is not None and call.rule.recalibrate is not None:
+        if self.recalibration is not None and call.rule.learns_from_feedback is not None:
             recalibration = self.recalibration.current(call.tenant, call.route.model)
         verdicts = judge_call(evidence, call.rule, recalibration)
         if recalibration is not None and self.recalibration is not None:

@@ -187,7 +187,8 @@ async def feedback(request: Request) -> Response:
         metrics.feedback.labels(seen.tenant, seen.model, bin_label, verdict).inc()
     decisions.feedback(rid, choice, correct)
     rule = state.store.current.rule(seen.tenant, seen.model)
-    await state.recalibration.feedback(rule.recalibrate, seen.tenant, seen.model, p, correct)
+    recalibrate = rule.learns_from_feedback
+    await state.recalibration.feedback(recalibrate, seen.tenant, seen.model, p, correct)
     out.update(recorded=True, bin=bin_label)
     return Response(orjson.dumps(out), media_type=_JSON)
 
