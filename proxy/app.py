@@ -27,9 +27,9 @@ from proxy.decision_log import DecisionLog
 from proxy.errors import BadRequest, MethodNotAllowed, NotFound, ProxyError
 from proxy.limits import Limiter
 from proxy.metrics import Metrics
+from proxy.online_recalibration import OnlineRecalibration
 from proxy.pipeline import Pipeline
 from proxy.policy.loading import PolicyStore
-from proxy.recalibration_store import OnlineRecalibration
 from proxy.recalibration_store import store_for as recalibration_store
 from proxy.recording import Recorder
 from proxy.routes import routes

@@ -30,8 +30,8 @@ from proxy.confidence.question import question_of
 from proxy.errors import UpstreamError
 from proxy.evidence import CallEvidence, from_response
 from proxy.judge import judge_call, shown_answer, skip_reason
+from proxy.online_recalibration import OnlineRecalibration
 from proxy.protocol import Kind, choices_of, upstream_body
-from proxy.recalibration_store import OnlineRecalibration
 from proxy.recording import Recorder
 from proxy.rewrite import rewrite_response
 from proxy.sampling.session import Matchers, SamplingSession

@@ -31,7 +31,7 @@ Redis answering again after an outage. A new process loads the maps once before 
 answers with the shared map from its first request.
 
 **Who refits: any pod.** Each pod starts a refit when the shared label count says one is
-due (:class:`~proxy.recalibration_store.OnlineRecalibration`), so with feedback reaching
+due (:class:`~proxy.online_recalibration.OnlineRecalibration`), so with feedback reaching
 P pods up to P fits run per ``recalibrate_every`` labels; the compare-and-swap keeps one
 winner per version, and the others adopt its map. No lock: a fit is a few milliseconds
 on a worker thread (2,000 labels: ~3 ms), so a lock would save little, while it would

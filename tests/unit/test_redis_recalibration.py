@@ -19,13 +19,8 @@ from prometheus_client import CollectorRegistry
 from proxy.app import create_app
 from proxy.confidence.recalibration import Recalibration, RecalibrationRule
 from proxy.metrics import Metrics
-from proxy.recalibration_store import (
-    FileStore,
-    Label,
-    MemoryStore,
-    OnlineRecalibration,
-    store_for,
-)
+from proxy.online_recalibration import OnlineRecalibration
+from proxy.recalibration_store import FileStore, Label, MemoryStore, store_for
 from proxy.settings import Settings
 from proxy.shared_state.memory import SharedStateUnavailable
 from proxy.shared_state.redis_recalibration import RedisRecalibrationStore
