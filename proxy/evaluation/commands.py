@@ -21,9 +21,10 @@ the proxy scores sentences, and the calibration records ``granularity: sentence`
 default template is ``sentences-fewshot``, and ``eval`` judges it with every rule at
 ``granularity: sentence``.
 
-The work lives in :mod:`~proxy.evaluation.calibrate`, :mod:`~proxy.evaluation.evaluate`,
-:mod:`~proxy.evaluation.runner` and :mod:`~proxy.evaluation.offline_samples`; this module only
-wires them to the command line.
+The work lives in :mod:`~proxy.evaluation.dataset_labels` (asking and labelling),
+:mod:`~proxy.evaluation.calibrate`, :mod:`~proxy.evaluation.evaluate`,
+:mod:`~proxy.evaluation.runner` and :mod:`~proxy.evaluation.offline_samples`; this module
+only wires them to the command line.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.confidence.consistency import MATCHERS
+from proxy.evaluation import dataset_labels
 from proxy.evaluation.datasets import CACHE_DIR, PACKAGED
 from proxy.local_model import DEFAULT_PORT
 
@@ -91,7 +93,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model name to ask (and to record)")
     template_help = "default: qa-fewshot, or sentences-fewshot for a multi-claim set"
     p.add_argument("--template", choices=sorted(TEMPLATES), help=template_help)
-    # Set from the dataset's rows (_questions); a decision log is never multi-claim.
+    # Set from the dataset's rows (dataset_labels.questions_of); never for a decision log.
     p.set_defaults(multi_claim=False)
     p.add_argument("--grader", default="match", choices=sorted(GRADERS))
     p.add_argument("--split", default="all", choices=SPLITS, help="which part of the set")
@@ -167,114 +169,6 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _questions(args: argparse.Namespace) -> Any:
-    """The questions asked, and the template and token budget they are asked with
-    (resolved here: a multi-claim set defaults to the one-sentence-per-fact template)."""
-    from proxy.evaluation import datasets
-    from proxy.evaluation.prompts import get_template
-
-    every = datasets.load_questions(args.dataset)
-    args.multi_claim = datasets.is_multi_claim(every)
-    if args.template is None:
-        args.template = "sentences-fewshot" if args.multi_claim else "qa-fewshot"
-    if args.max_tokens is None:
-        args.max_tokens = get_template(args.template).max_tokens
-    return datasets.select(
-        every, args.split, args.held_out_fraction, args.split_seed, limit=args.limit
-    )
-
-
-def _ask(args: argparse.Namespace, questions: Any, **where: Any) -> Any:
-    from proxy.evaluation import runner
-    from proxy.evaluation.datasets import dataset_name
-    from proxy.evaluation.prompts import get_template
-
-    path = None
-    if not args.no_cache:
-        safe_model = args.model.replace("/", "_")
-        path = args.cache_dir / f"{dataset_name(args.dataset)}--{safe_model}.jsonl"
-    return runner.ask_all(
-        questions,
-        get_template(args.template),
-        model=args.model,
-        concurrency=args.concurrency,
-        cache=runner.GenerationCache(path),
-        api_key=args.api_key,
-        max_tokens=args.max_tokens,
-        progress=None if args.quiet else sys.stderr,
-        **where,
-    )
-
-
-def _from_dataset(args: argparse.Namespace, method: str) -> Any:
-    """(labelled answers, fitted_on) from asking the question set, or an error message."""
-    from proxy.confidence.embedding import EmbeddingUnavailable
-    from proxy.evaluation import offline_samples
-    from proxy.evaluation.calibrate import label
-    from proxy.evaluation.datasets import DatasetError, dataset_name
-    from proxy.evaluation.grading import get_grader
-    from proxy.evaluation.prompts import get_template
-
-    matcher = None
-    try:
-        questions = _questions(args)
-        if args.multi_claim and method != "logprobs":
-            return (
-                f"{args.dataset} is a multi-claim set, judged sentence by sentence: only "
-                "--method logprobs scores sentences (on their own tokens)"
-            )
-        if method != "logprobs":
-            # Loaded before anything is asked: a missing extra fails now, not after an
-            # hour of sampling. One torch thread was 2.5x faster than torch's default on a
-            # small shared host (proxy.confidence.embedding); this command owns its process.
-            matcher = offline_samples.load_matcher(
-                args.matcher, args.embedding_threshold, torch_threads=1
-            )
-    except (DatasetError, EmbeddingUnavailable) as exc:
-        return str(exc)
-    name = dataset_name(args.dataset)
-    gens = asyncio.run(_ask(args, questions, base_url=args.base_url))
-    fitted_on: dict[str, Any] = {"dataset": name, "split": args.split}
-    if args.split != "all":
-        fitted_on.update(held_out_fraction=args.held_out_fraction, split_seed=args.split_seed)
-    fitted_on.update(template=args.template, grader=args.grader)
-    features = None
-    if matcher is not None:
-        where = args.samples_cache_dir or offline_samples.SAMPLE_CACHE_DIR
-        cache = (
-            None if args.no_cache else offline_samples.sample_cache_path(where, name, args.model)
-        )
-        features, drawn_with = offline_samples.sample_features(
-            questions,
-            gens,
-            get_template(args.template),
-            offline_samples.sampling_params(args.temperature, args.samples, use_n=args.use_n),
-            matcher,
-            model=args.model,
-            base_url=args.base_url,
-            cache=offline_samples.SampleCache(cache),
-            concurrency=args.concurrency,
-            max_tokens=args.max_tokens,
-            api_key=args.api_key,
-            progress=None if args.quiet else sys.stderr,
-        )
-        fitted_on.update(drawn_with)
-    if args.multi_claim:
-        from proxy.evaluation import claims
-
-        template = get_template(args.template)
-        data, stats = claims.label(questions, gens, get_grader(args.grader), template, args.model)
-        for line in stats.lines():
-            print(line)
-        # The proxy's sentence scores: every token of the sentence.
-        fitted_on.update(granularity="sentence", sentence_tokens="all")
-    else:
-        data = label(questions, gens, get_grader(args.grader), features)
-    if data.failed:
-        print(f"warning: {data.failed} questions failed and were left out", file=sys.stderr)
-    return data, fitted_on
-
-
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from proxy.confidence.calibration import Logistic
     from proxy.confidence.features import SENTENCE_LOGISTIC_FEATURES, TEXT_SCORES
@@ -312,7 +206,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         if not args.model:
             return _fail("--model is required with --dataset")
-        asked = _from_dataset(args, method)
+        asked = dataset_labels.from_dataset(args, method)
         if isinstance(asked, str):
             return _fail(asked)
         (data, fitted_on), model = asked, args.model
@@ -366,10 +260,14 @@ async def _eval_generations(args: argparse.Namespace, questions: Any) -> tuple[s
 
     if args.direct:
         base = args.base_url or DEFAULT_MODEL_URL
-        return "direct", await _ask(args, questions, base_url=base), {"base_url": base}
+        return (
+            "direct",
+            await dataset_labels.ask(args, questions, base_url=base),
+            {"base_url": base},
+        )
     if args.base_url:
         tag = "external:" + args.base_url
-        gens = await _ask(args, questions, base_url=args.base_url, tag=tag)
+        gens = await dataset_labels.ask(args, questions, base_url=args.base_url, tag=tag)
         return "external", gens, {"base_url": args.base_url}
     policy = args.policy or Path("policies/default.yaml")
     data = inproc.derived_policy(
@@ -380,7 +278,7 @@ async def _eval_generations(args: argparse.Namespace, questions: Any) -> tuple[s
         granularity="sentence" if args.multi_claim else None,
     )
     async with inproc.proxy_transport(data) as transport:
-        gens = await _ask(
+        gens = await dataset_labels.ask(
             args,
             questions,
             base_url="http://abstain-proxy.inproc/v1",
@@ -406,7 +304,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "--base-url (a running proxy) and --policy (an in-process one) exclude each other"
         )
     try:
-        questions = _questions(args)
+        questions = dataset_labels.questions_of(args)
         mode, gens, meta = asyncio.run(_eval_generations(args, questions))
         options: dict[str, Any] = {
             "mode": mode,
