@@ -117,7 +117,6 @@ def create_app(
     recalibration = OnlineRecalibration(
         recalibration_store(settings, _redis_recalibration(settings, shared)),
         metrics,
-        memory=settings.feedback_memory,
     )
 
     @contextlib.asynccontextmanager

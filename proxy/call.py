@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.confidence.recalibration import Recalibration
 from proxy.policy.rules import Route, Rule
 from proxy.protocol import Kind, client_top_logprobs, client_wants_logprobs, wants_json
 
@@ -32,6 +33,9 @@ class Call:
     response_id: str | None = None
     #: the model's own answers before any rewrite, kept only when the rule logs text
     answers: list[str | None] | None = None
+    #: the map learnt from the tenant's feedback that judges this call, fixed when the
+    #: upstream is called: a swap mid-stream cannot judge one answer with two maps
+    recalibration: Recalibration | None = None
 
     @property
     def client_logprobs(self) -> bool:

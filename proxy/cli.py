@@ -151,6 +151,7 @@ def cmd_recalibration_export(args: argparse.Namespace) -> int:
     """The shipped calibration with a tenant's recalibration folded in, as a calibration file."""
     from proxy.confidence.calibration import CalibrationError, load_calibration
     from proxy.confidence.recalibration import compose
+    from proxy.online_recalibration import served_model
     from proxy.recalibration_store import FileStore
 
     store = FileStore(args.dir)
@@ -163,7 +164,8 @@ def cmd_recalibration_export(args: argparse.Namespace) -> int:
         if args.calibration is not None:
             base = load_calibration(args.calibration)
         else:
-            rule = load_policy(args.policy).rule(args.tenant, args.model)
+            # A map of sentences is kept as "<model> (sentences)": the model's calibration.
+            rule = load_policy(args.policy).rule(args.tenant, served_model(args.model))
             if rule.calibration is None:
                 where = f"tenant {args.tenant}, model {args.model}"
                 print(f"{args.policy}: no calibration for {where}; give --calibration",

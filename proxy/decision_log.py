@@ -41,7 +41,12 @@ from typing import IO, Any
 import orjson
 
 from proxy.decision_records import DecisionRecord, FeedbackRecord, now
-from proxy.shared_state.memory import FeedbackMemory, InMemoryFeedbackMemory, Remembered
+from proxy.shared_state.memory import (
+    FeedbackMemory,
+    InMemoryFeedbackMemory,
+    Remembered,
+    SentenceParts,
+)
 from proxy.verdict import Verdict
 
 __all__ = ["DecisionLog", "Remembered"]
@@ -136,7 +141,14 @@ class DecisionLog:
         texts: dict[str, Any] | None = None,
     ) -> None:
         """Log one response's verdicts and remember them for feedback."""
-        self.memory.remember(response_id, tenant, model, [v.confidence for v in verdicts])
+        self.memory.remember(
+            response_id,
+            tenant,
+            model,
+            [v.confidence for v in verdicts],
+            bases=_bases(verdicts),
+            sentences=_sentence_parts(verdicts),
+        )
         if self.path is None:
             return
         stamp = now()
@@ -162,17 +174,40 @@ class DecisionLog:
         memory = self.memory
         return memory.get(response_id) if isinstance(memory, InMemoryFeedbackMemory) else None
 
-    def previous_feedback(self, response_id: str, choice: int) -> bool | None:
-        """The ``correct`` already recorded for (id, choice), or None when there is none."""
+    def previous_feedback(
+        self, response_id: str, choice: int, sentence: int | None = None
+    ) -> bool | None:
+        """The ``correct`` already recorded for (id, choice[, sentence]), or None."""
         seen = self.lookup(response_id)
-        return None if seen is None else seen.feedback.get(choice)
+        return None if seen is None else seen.previous(choice, sentence)
 
-    def feedback(self, response_id: str, choice: int, correct: bool) -> None:
+    def feedback(
+        self, response_id: str, choice: int, correct: bool, sentence: int | None = None
+    ) -> None:
         """Log feedback and remember it, so that a repeat can be recognized (a shared
         memory remembers it when it is claimed, see ``FeedbackMemory.claim_feedback``)."""
         if isinstance(self.memory, InMemoryFeedbackMemory):
-            self.memory.mark(response_id, choice, correct)
-        self._write([FeedbackRecord(response_id, choice, correct)])
+            self.memory.mark(response_id, choice, correct, sentence)
+        self._write([FeedbackRecord(response_id, choice, correct, sentence=sentence)])
 
     def close(self) -> None:
         self._close_file()
+
+
+def _bases(verdicts: Sequence[Verdict]) -> list[float | None] | None:
+    """The shipped P(correct) per choice, when a recalibration answered any of them."""
+    if all(v.shipped_confidence is None for v in verdicts):
+        return None
+    return [v.label_base for v in verdicts]
+
+
+def _sentence_parts(verdicts: Sequence[Verdict]) -> list[SentenceParts | None] | None:
+    """Per choice judged by sentence, (confidence, shipped P) of each part."""
+    if all(v.sentences is None for v in verdicts):
+        return None
+    return [
+        None
+        if v.sentences is None
+        else tuple((part.confidence, part.label_base) for part in v.sentences)
+        for v in verdicts
+    ]

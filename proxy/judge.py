@@ -23,7 +23,7 @@ import dataclasses
 from collections.abc import Mapping
 
 from proxy.confidence.features import uncalibrated
-from proxy.confidence.recalibration import Recalibration, compose
+from proxy.confidence.recalibration import Recalibration
 from proxy.confidence.spans import segment_scores
 from proxy.confidence.stopping import expected_final_share
 from proxy.errors import UpstreamError
@@ -70,9 +70,25 @@ def _ood_rule(rule: Rule, outside: list[str] | None) -> Rule:
     return rule
 
 
-def verdict_on(scores: Mapping[str, float], rule: Rule, *, samples: int | None = None) -> Verdict:
-    """Calibrate the rule's score and decide (at ``ood_threshold`` out of distribution)."""
+def verdict_on(
+    scores: Mapping[str, float],
+    rule: Rule,
+    *,
+    samples: int | None = None,
+    recalibration: Recalibration | None = None,
+) -> Verdict:
+    """Calibrate the rule's score and decide (at ``ood_threshold`` out of distribution).
+
+    ``recalibration``: the map learnt from the tenant's feedback, applied to the rule's
+    calibrated P(correct) (ignored without a calibration); the shipped P is kept on the
+    verdict, since feedback labels are learnt on it.
+    """
     p = confidence_of(scores, rule)
+    source = None if rule.calibration is None else "shipped"
+    shipped = None
+    if recalibration is not None and source is not None and p is not None:
+        shipped, p = p, recalibration(p)
+        source = recalibration.source
     outside = outside_inputs(scores, rule)
     judged = _ood_rule(rule, outside)
     reason = None if p is not None else "no score could be computed for this answer"
@@ -93,6 +109,8 @@ def verdict_on(scores: Mapping[str, float], rule: Rule, *, samples: int | None =
         scores=scores,
         reason=reason,
         out_of_distribution=None if outside is None else bool(outside),
+        calibration_source=None if p is None else source,
+        shipped_confidence=shipped,
     )
 
 
@@ -122,7 +140,12 @@ def skip_reason(rule: Rule, *, tool_call: bool, json_mode: bool) -> str | None:
     return None
 
 
-def _on_samples(choice: ChoiceEvidence, result: SamplingResult, rule: Rule) -> Verdict:
+def _on_samples(
+    choice: ChoiceEvidence,
+    result: SamplingResult,
+    rule: Rule,
+    recalibration: Recalibration | None = None,
+) -> Verdict:
     """The verdict on agreement with the samples (plus logprob scores, for hybrid)."""
     agreement = choice.agreement
     if not result.ok or agreement is None:
@@ -133,7 +156,7 @@ def _on_samples(choice: ChoiceEvidence, result: SamplingResult, rule: Rule) -> V
         # and the reason sampling stopped cannot disagree.
         budget = max(agreement.samples, result.budget - result.failures)
         features["agreement"] = expected_final_share(agreement.agreeing, agreement.samples, budget)
-    return verdict_on(features, rule, samples=result.used)
+    return verdict_on(features, rule, samples=result.used, recalibration=recalibration)
 
 
 def _too_few_samples(choice: ChoiceEvidence, result: SamplingResult, rule: Rule) -> Verdict:
@@ -157,18 +180,24 @@ def _too_few_samples(choice: ChoiceEvidence, result: SamplingResult, rule: Rule)
 
 
 def judge_sentences(
-    segments: list[Segment], scores: list[dict[str, float]], rule: Rule, *, sent: bool
+    segments: list[Segment],
+    scores: list[dict[str, float]],
+    rule: Rule,
+    *,
+    sent: bool,
+    recalibration: Recalibration | None = None,
 ) -> list[SentenceVerdict]:
     """Each segment's verdict, at the segment's offsets (the rewrite moves them).
 
     ``sent``: the text already reached the client, so a doubt can only be annotated.
+    ``recalibration``: the map learnt from sentence feedback (see :func:`verdict_on`).
     """
     out = []
     for segment, part_scores in zip(segments, scores, strict=True):
         if not segment.judged:
             out.append(SentenceVerdict(segment.start, segment.end, segment.kind, "unjudged", None))
             continue
-        verdict = verdict_on(part_scores, rule)
+        verdict = verdict_on(part_scores, rule, recalibration=recalibration)
         decision = verdict.decision
         if sent and decision in ("abstain", "hedge"):
             decision = "annotate"
@@ -176,6 +205,7 @@ def judge_sentences(
             segment.start, segment.end, segment.kind, decision, verdict.confidence, part_scores
         )
         part.out_of_distribution = verdict.out_of_distribution
+        part.shipped_confidence = verdict.shipped_confidence
         out.append(part)
     return out
 
@@ -203,6 +233,9 @@ def summarize(parts: list[SentenceVerdict], rule: Rule, whole: Verdict) -> Verdi
         pick = (min if shown else max)(known, key=lambda p: p.confidence or 0.0)
     whole.decision = decision
     whole.confidence = pick.confidence if pick is not None else None
+    whole.shipped_confidence = pick.shipped_confidence if pick is not None else None
+    if whole.confidence is None:
+        whole.calibration_source = None
     whole.score = pick.scores.get(rule.score) if pick is not None else None
     whole.sentences = parts
     # The calibration's reference is of sentences: the answer is outside it when a part is.
@@ -212,7 +245,12 @@ def summarize(parts: list[SentenceVerdict], rule: Rule, whole: Verdict) -> Verdi
     return whole
 
 
-def _by_sentence(choice: ChoiceEvidence, call: CallEvidence, rule: Rule) -> Verdict | None:
+def _by_sentence(
+    choice: ChoiceEvidence,
+    call: CallEvidence,
+    rule: Rule,
+    recalibration: Recalibration | None = None,
+) -> Verdict | None:
     """The verdict sentence by sentence; None when the answer must be judged whole."""
     text, tokens = choice.text, choice.tokens
     if rule.granularity != "sentence" or rule.method != "logprobs":
@@ -225,21 +263,28 @@ def _by_sentence(choice: ChoiceEvidence, call: CallEvidence, rule: Rule) -> Verd
     scores = segment_scores(segments, text, tokens.texts, tokens.lps, tokens.tops)
     if scores is None:
         return None
-    parts = judge_sentences(segments, scores, rule, sent=call.already_sent)
-    return summarize(parts, rule, verdict_on(choice.scores, rule))
+    parts = judge_sentences(
+        segments, scores, rule, sent=call.already_sent, recalibration=recalibration
+    )
+    return summarize(parts, rule, verdict_on(choice.scores, rule, recalibration=recalibration))
 
 
-def judge_choice(choice: ChoiceEvidence, call: CallEvidence, rule: Rule) -> Verdict:
-    """One choice's verdict."""
+def judge_choice(
+    choice: ChoiceEvidence,
+    call: CallEvidence,
+    rule: Rule,
+    recalibration: Recalibration | None = None,
+) -> Verdict:
+    """One choice's verdict (``recalibration``: see :func:`judge_call`)."""
     reason = skip_reason(rule, tool_call=choice.tool_call, json_mode=call.json_mode)
     if reason is not None:
         return unjudged(rule, reason)
     if call.sampling is not None:
-        verdict = _on_samples(choice, call.sampling, rule)
-    elif (by_sentence := _by_sentence(choice, call, rule)) is not None:
+        verdict = _on_samples(choice, call.sampling, rule, recalibration)
+    elif (by_sentence := _by_sentence(choice, call, rule, recalibration)) is not None:
         verdict = by_sentence
     else:
-        verdict = verdict_on(choice.scores, rule)
+        verdict = verdict_on(choice.scores, rule, recalibration=recalibration)
     if call.already_sent and verdict.decision in ("abstain", "hedge"):
         # The text has already gone out: all that is left is to say so.
         verdict.decision = "annotate"
@@ -254,23 +299,13 @@ def judge_call(
 ) -> list[Verdict]:
     """Every choice's verdict, in the order of ``call.choices``.
 
-    ``recalibration``: the map learnt from the tenant's feedback for this model, applied
-    on top of the rule's calibration (ignored without one); each verdict's
-    ``calibration_source`` says which map answered ("shipped", "recalibrated:<version>").
+    ``recalibration``: the map learnt from the tenant's feedback for this model (of
+    answers, or of sentences for a rule judged by sentence), applied on top of the rule's
+    calibration (ignored without one); each verdict's ``calibration_source`` says which
+    map answered ("shipped", "recalibrated:<version>"), and ``shipped_confidence`` keeps
+    the shipped P(correct) that feedback labels are learnt on.
     """
-    source = None
-    if rule.calibration is not None:
-        source = "shipped"
-        # Feedback labels whole answers: it cannot recalibrate a map of sentences.
-        if recalibration is not None and rule.granularity == "answer":
-            rule = dataclasses.replace(rule, calibration=compose(rule.calibration, recalibration))
-            source = recalibration.source
-    verdicts = [judge_choice(choice, call, rule) for choice in call.choices]
-    for verdict in verdicts:
-        # Not on a fallback verdict judged without the calibration (calibrated: false).
-        if verdict.calibrated and verdict.confidence is not None:
-            verdict.calibration_source = source
-    return verdicts
+    return [judge_choice(choice, call, rule, recalibration) for choice in call.choices]
 
 
 def shown_answer(call: CallEvidence, rule: Rule) -> str | None:

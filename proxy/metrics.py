@@ -177,6 +177,13 @@ class Metrics:
             ["tenant", "model", "bin", "correct"],
             registry=r,
         )
+        self.sentence_feedback = Counter(
+            "abstain_sentence_feedback",
+            "Observed outcomes of single sentences from /v1/feedback (with 'sentence') "
+            "by predicted-confidence bin.",
+            ["tenant", "model", "bin", "correct"],
+            registry=r,
+        )
         self.decision_log_errors = Counter(
             "abstain_decision_log_errors",
             "Decision-log or feedback records that could not be written (one per record lost).",

@@ -7,20 +7,19 @@ hands the judge the map in service, turns feedback into labels in a
 ``recalibrate_*`` settings say so. The fitting and the swap rule are
 :mod:`proxy.confidence.recalibration`.
 
-A label is the **shipped** calibration's P(correct) for the answer, never the
-recalibrated confidence the client saw. The pipeline therefore remembers, for answers
-judged under a recalibration, the shipped P(correct) behind each confidence it returned
-(bounded like the decision log's memory, per process); feedback looks it up there.
+A label is the **shipped** calibration's P(correct) for the answer (or sentence), never
+the recalibrated confidence the client saw: each fit starts again from the shipped map,
+so maps do not stack. The judge keeps the shipped P on the verdict
+(``Verdict.shipped_confidence``), the feedback memory remembers it with the response
+(in Redis too, so it is exact whichever pod gets the feedback), and feedback hands it
+here. Answers and sentences learn apart (:func:`recalibration_model`).
 
 With ``ABSTAIN_REDIS_URL`` the store is
 :class:`proxy.shared_state.redis_recalibration.RedisRecalibrationStore` (labels as a list
 per key, the map as one value swapped with a version check, ``current`` served from a
-local copy polled every second), shared by every pod. Two things stay per process and
-would need the shared memory of the remembered responses to be exact across pods: the
-shipped P(correct) behind each returned confidence (:meth:`OnlineRecalibration.judged`;
-a feedback reaching another pod falls back to the returned confidence), and which label
-count last triggered a refit (each pod may refit; the compare-and-swap keeps one winner
-per version).
+local copy polled every second), shared by every pod. Which label count last
+triggered a refit stays per process: each pod may refit; the compare-and-swap keeps one
+winner per version.
 """
 
 from __future__ import annotations
@@ -29,14 +28,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Sequence
 
 from proxy.confidence.recalibration import Recalibration, RecalibrationRule, refit
 from proxy.metrics import Metrics
 from proxy.recalibration_store import Label, RecalibrationStore
 from proxy.shared_state.memory import SharedStateUnavailable
-from proxy.verdict import Verdict
 
 log = logging.getLogger("abstain.recalibration")
 
@@ -45,16 +41,27 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def recalibration_model(model: str, granularity: str) -> str:
+    """The name labels and a map are kept under: the model's, or ``<model> (sentences)``
+    for a rule judged by sentence. Labels of answers and of sentences must not mix: an
+    answer is right only when all its sentences are."""
+    return model if granularity == "answer" else f"{model}{_SENTENCES}"
+
+
+def served_model(name: str) -> str:
+    """The model a name of :func:`recalibration_model` belongs to."""
+    return name.removesuffix(_SENTENCES)
+
+
+_SENTENCES = " (sentences)"
+
+
 class OnlineRecalibration:
     """The maps in service for the judge, and feedback turned into labels and refits."""
 
-    def __init__(
-        self, store: RecalibrationStore, metrics: Metrics | None = None, *, memory: int = 100_000
-    ) -> None:
+    def __init__(self, store: RecalibrationStore, metrics: Metrics | None = None) -> None:
         self.store = store
         self.metrics = metrics
-        self._memory = 2 * memory  # shipped P(correct) per returned confidence
-        self._bases: OrderedDict[tuple[str, str, float], float] = OrderedDict()
         self._fitting: set[tuple[str, str]] = set()
         self._last_fit: dict[tuple[str, str], int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -65,35 +72,19 @@ class OnlineRecalibration:
     def current(self, tenant: str, model: str) -> Recalibration | None:
         return self.store.current(tenant, model)
 
-    def judged(
-        self, tenant: str, model: str, verdicts: Sequence[Verdict], shipped: Sequence[Verdict]
-    ) -> None:
-        """Remember the shipped P(correct) behind each recalibrated confidence returned."""
-        for v, b in zip(verdicts, shipped, strict=False):
-            if v.confidence is None or b.confidence is None:
-                continue
-            key = (tenant, model, v.confidence)
-            self._bases[key] = b.confidence
-            self._bases.move_to_end(key)
-        while len(self._bases) > self._memory:
-            self._bases.popitem(last=False)
-
-    def shipped_confidence(self, tenant: str, model: str, confidence: float) -> float:
-        """The shipped P(correct) behind a confidence the proxy returned."""
-        return self._bases.get((tenant, model, confidence), confidence)
-
     async def feedback(
         self,
         rule: RecalibrationRule | None,
         tenant: str,
         model: str,
-        confidence: float | None,
+        base: float | None,
         correct: bool,
     ) -> None:
-        """Store the label of one judged answer; start a refit when one is due."""
-        if rule is None or confidence is None:
+        """Store the label of one judged answer (or sentence): ``base`` is the shipped
+        calibration's P(correct) for it. Start a refit when one is due."""
+        if rule is None or base is None:
             return
-        label = Label(self.shipped_confidence(tenant, model, confidence), correct, _now())
+        label = Label(base, correct, _now())
         try:
             n = await self.store.add_label(tenant, model, label)
         except OSError as exc:  # the feedback itself is recorded; only the label is lost

@@ -27,10 +27,11 @@ from typing import Any, TypeVar
 from proxy.call import Call
 from proxy.confidence.features import reads_text
 from proxy.confidence.question import question_of
+from proxy.confidence.recalibration import Recalibration
 from proxy.errors import UpstreamError
 from proxy.evidence import CallEvidence, from_response
 from proxy.judge import judge_call, shown_answer, skip_reason
-from proxy.online_recalibration import OnlineRecalibration
+from proxy.online_recalibration import OnlineRecalibration, recalibration_model
 from proxy.protocol import Kind, choices_of, upstream_body
 from proxy.recording import Recorder
 from proxy.rewrite import rewrite_response
@@ -61,6 +62,7 @@ class Pipeline:
     async def complete(self, call: Call) -> tuple[dict[str, Any], list[Verdict]]:
         """A non-streaming completion, judged and rewritten."""
         upstream, body = self._upstream_request(call)
+        call.recalibration = self.recalibration_for(call)
         body.pop("stream", None)
         body.pop("stream_options", None)
         session = self._start_sampling(call, upstream, body)
@@ -95,6 +97,7 @@ class Pipeline:
         Errors before the first chunk raise here, so the client still gets a status code.
         """
         upstream, body = self._upstream_request(call)
+        call.recalibration = self.recalibration_for(call)
         session = self._start_sampling(call, upstream, body)
         stream = UpstreamStream(self, call, upstream.stream(call.kind, body), session)
         try:
@@ -109,6 +112,13 @@ class Pipeline:
     ) -> None:
         """The call is over (answered, failed or streamed out): record it."""
         self.recorder.finished(call, verdicts, status, ttfb)
+
+    def recalibration_for(self, call: Call) -> Recalibration | None:
+        """The map learnt from the tenant's feedback that judges this call, if any."""
+        if self.recalibration is None or call.rule.recalibrate is None:
+            return None
+        name = recalibration_model(call.route.model, call.rule.granularity)
+        return self.recalibration.current(call.tenant, name)
 
     def _upstream_request(self, call: Call) -> tuple[Upstream, dict[str, Any]]:
         upstream = self.upstreams.get(call.route.upstream)
@@ -152,14 +162,7 @@ class Pipeline:
             evidence.add_text_scores(question_of(call.kind, call.body))
         if session is not None and evidence.choices:
             self.recorder.sampling(call, await session.gather(evidence))
-        recalibration = None
-        if self.recalibration is not None and call.rule.learns_from_feedback is not None:
-            recalibration = self.recalibration.current(call.tenant, call.route.model)
-        verdicts = judge_call(evidence, call.rule, recalibration)
-        if recalibration is not None and self.recalibration is not None:
-            # The shipped P(correct) behind each confidence: what feedback labels.
-            shipped = judge_call(evidence, call.rule)
-            self.recalibration.judged(call.tenant, call.route.model, verdicts, shipped)
+        verdicts = judge_call(evidence, call.rule, call.recalibration)
         if settle is not None:
             settle(verdicts)
         if call.rule.log_text:

@@ -39,11 +39,13 @@ from proxy.errors import (
     Unauthorized,
 )
 from proxy.metrics import Metrics
+from proxy.online_recalibration import recalibration_model
 from proxy.pipeline import Pipeline
 from proxy.policy.loading import PolicyStore
 from proxy.protocol import Kind, dump_json, parse_json_body, validate_request
 from proxy.recording import Recorder
 from proxy.rewrite import verdict_headers
+from proxy.shared_state.memory import Remembered
 
 _JSON = "application/json"
 
@@ -131,15 +133,20 @@ async def completions(request: Request) -> Response:
 
 
 async def feedback(request: Request) -> Response:
-    """Record whether a past answer was right: ``{"id", "correct", "choice"?}``.
+    """Record whether a past answer was right: ``{"id", "correct", "choice"?, "sentence"?}``.
 
-    Idempotent per (id, choice): the first feedback is counted and logged. Repeating it
-    with the same ``correct`` answers 200 with ``"recorded": false, "duplicate": true``
-    and counts and logs nothing more (a client retry cannot skew the reliability
-    diagram or the refit). A repeat with the *other* ``correct`` is refused with 409
-    (``code: "feedback_conflict"``) and the first word stands: the live counters cannot
-    be taken back, so accepting a correction would leave the metrics and the log
-    disagreeing, and contradictory labels for one answer are worth a person's look.
+    ``sentence`` (an index into the choice's ``verdict.sentences``) labels one sentence
+    of an answer judged by sentence; without it the label is of the whole answer. A
+    rule judged by sentence learns its recalibration from sentence labels only, a rule
+    judged whole from whole-answer labels only.
+
+    Idempotent per (id, choice[, sentence]): the first feedback is counted and logged.
+    Repeating it with the same ``correct`` answers 200 with ``"recorded": false,
+    "duplicate": true`` and counts and logs nothing more (a client retry cannot skew the
+    reliability diagram or the refit). A repeat with the *other* ``correct`` is refused
+    with 409 (``code: "feedback_conflict"``) and the first word stands: the live
+    counters cannot be taken back, so accepting a correction would leave the metrics and
+    the log disagreeing, and contradictory labels for one answer are worth a person's look.
 
     With ``ABSTAIN_REDIS_URL`` this holds across pods; when Redis does not answer in
     time the feedback is refused with 503 ``shared_state_unavailable`` (and
@@ -149,12 +156,15 @@ async def feedback(request: Request) -> Response:
     tenant = tenant_of(state.store, request)
     body = parse_json_body(await read_body(request, state.settings.max_body_bytes))
     rid, correct, choice = body.get("id"), body.get("correct"), body.get("choice", 0)
+    sentence = body.get("sentence")
     if not isinstance(rid, str) or not rid:
         raise BadRequest("'id' must be the id of a response the proxy returned.", param="id")
     if not isinstance(correct, bool):
         raise BadRequest("'correct' must be true or false.", param="correct")
-    if not isinstance(choice, int) or isinstance(choice, bool) or choice < 0:
+    if not _index(choice):
         raise BadRequest("'choice' must be a non-negative integer.", param="choice")
+    if sentence is not None and not _index(sentence):
+        raise BadRequest("'sentence' must be a non-negative integer.", param="sentence")
     decisions: DecisionLog = state.decisions
     # In this process, or in Redis (shared by every pod; 503 when it does not answer).
     memory = decisions.memory
@@ -164,33 +174,68 @@ async def feedback(request: Request) -> Response:
         raise NotFound(f"No recent response with id {rid[:100]!r}.", param="id")
     if choice >= len(seen.confidences):
         raise BadRequest(f"The response has {len(seen.confidences)} choice(s).", param="choice")
-    p = seen.confidences[choice]
+    p, base = _labelled(seen, choice, sentence)
     metrics: Metrics = state.metrics
     bin_label = None if p is None else metrics.feedback_bin(p)
     # Atomic (per process, or across pods in Redis): exactly one claim is "new".
-    claim = await memory.claim_feedback(tenant, rid, choice, correct)
+    claim = await memory.claim_feedback(tenant, rid, choice, correct, sentence)
     if claim == "unknown":  # expired since the lookup
         raise NotFound(f"No recent response with id {rid[:100]!r}.", param="id")
+    what = "this response" if sentence is None else f"sentence {sentence} of this response"
     if claim == "conflict":
         raise Conflict(
-            f"Feedback for choice {choice} of this response was already recorded as "
+            f"Feedback for choice {choice} of {what} was already recorded as "
             f"correct={str(not correct).lower()}; the first feedback stands.",
             param="correct",
             code="feedback_conflict",
         )
     out: dict[str, Any] = {"id": rid, "choice": choice, "correct": correct}
+    if sentence is not None:
+        out["sentence"] = sentence
     if claim == "duplicate":
         out.update(recorded=False, duplicate=True, bin=bin_label)
         return Response(orjson.dumps(out), media_type=_JSON)
     if bin_label is not None:
         verdict = "true" if correct else "false"
-        metrics.feedback.labels(seen.tenant, seen.model, bin_label, verdict).inc()
-    decisions.feedback(rid, choice, correct)
+        counter = metrics.feedback if sentence is None else metrics.sentence_feedback
+        counter.labels(seen.tenant, seen.model, bin_label, verdict).inc()
+    decisions.feedback(rid, choice, correct, sentence)
     rule = state.store.current.rule(seen.tenant, seen.model)
-    recalibrate = rule.learns_from_feedback
-    await state.recalibration.feedback(recalibrate, seen.tenant, seen.model, p, correct)
+    # Answers and sentences learn apart: a label feeds only a rule judged at its level.
+    level = "answer" if sentence is None else "sentence"
+    if rule.granularity == level:
+        name = recalibration_model(seen.model, level)
+        learns = rule.recalibrate
+        await state.recalibration.feedback(learns, seen.tenant, name, base, correct)
     out.update(recorded=True, bin=bin_label)
     return Response(orjson.dumps(out), media_type=_JSON)
+
+
+def _index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _labelled(
+    seen: Remembered, choice: int, sentence: int | None
+) -> tuple[float | None, float | None]:
+    """(the confidence the client saw, the shipped P a label is learnt on) of what the
+    feedback is about: the choice, or one of its sentences (400 when it has none)."""
+    if sentence is None:
+        return seen.confidences[choice], seen.base(choice)
+    parts = seen.parts(choice)
+    if parts is None:
+        raise BadRequest(
+            f"Choice {choice} was judged as a whole: give no 'sentence'.", param="sentence"
+        )
+    if sentence >= len(parts):
+        raise BadRequest(f"Choice {choice} has {len(parts)} part(s).", param="sentence")
+    p, base = parts[sentence]
+    if p is None:
+        raise BadRequest(
+            f"Part {sentence} of choice {choice} was not judged (code, or no score).",
+            param="sentence",
+        )
+    return p, base
 
 
 async def models(request: Request) -> Response:

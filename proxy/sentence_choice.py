@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.confidence.logprobs import scores_from_tokens
+from proxy.confidence.recalibration import Recalibration
 from proxy.confidence.spans import segment_scores, token_offsets
 from proxy.evidence import ChoiceEvidence, Tokens
 from proxy.judge import judge_sentences, summarize
@@ -130,9 +131,15 @@ class SentenceChoice:
 
     # ------------------------------------------------------------------ judging
 
-    def advance(self, tokens: Callable[[], Tokens | None], rule: Rule) -> None:
+    def advance(
+        self,
+        tokens: Callable[[], Tokens | None],
+        rule: Rule,
+        recalibration: Recalibration | None = None,
+    ) -> None:
         """Judge and place the segments completed since the last call (``tokens``: the
-        scored tokens so far, read only when there is something to judge)."""
+        scored tokens so far, read only when there is something to judge; the call's
+        ``recalibration``, if any, applied as the final judge applies it)."""
         if self.stop_at is not None or _MAYBE_END.search(self.text, self.cursor) is None:
             return  # the cheap test first: most chunks complete nothing
         region = self._region()
@@ -153,7 +160,8 @@ class SentenceChoice:
             self.unaligned_at = len(new)
             return
         self.unaligned_at = -1
-        for segment, part in zip(new, judge_sentences(new, scores, rule, sent=False), strict=True):
+        parts = judge_sentences(new, scores, rule, sent=False, recalibration=recalibration)
+        for segment, part in zip(new, parts, strict=True):
             self.segments.append(segment)
             self.parts.append(part)
             self.place(part, rule)
@@ -326,7 +334,13 @@ class SentenceChoice:
         scores = scores_from_tokens(kept.lps, kept.tops)
         return ChoiceEvidence(evidence.index, self.text, scores, evidence.tool_call, tokens=kept)
 
-    def settle(self, verdict: Verdict, tokens: Tokens | None, rule: Rule) -> None:
+    def settle(
+        self,
+        verdict: Verdict,
+        tokens: Tokens | None,
+        rule: Rule,
+        recalibration: Recalibration | None = None,
+    ) -> None:
         """Make the judge's verdict on the whole answer describe what was sent (in place).
 
         In the normal case its first parts are the ones already sent, with the same
@@ -356,7 +370,9 @@ class SentenceChoice:
         scores = None
         if tokens is not None and rest:
             scores = segment_scores(rest, self.text, tokens.texts, tokens.lps, tokens.tops)
-        parts = judge_sentences(rest, scores or [{} for _ in rest], rule, sent=False)
+        parts = judge_sentences(
+            rest, scores or [{} for _ in rest], rule, sent=False, recalibration=recalibration
+        )
         summarize(self.parts + parts, rule, verdict)
         verdict.reason = (
             "judged sentence by sentence as streamed; the whole answer's tokens could not "

@@ -202,7 +202,8 @@ class _SentenceStream:
             if state.read(choice) and state not in grown:
                 grown.append(state)
         for state in grown:
-            state.advance(partial(self.evidence.tokens, state.index), self.rule)
+            tokens = partial(self.evidence.tokens, state.index)
+            state.advance(tokens, self.rule, self.call.recalibration)
             out += self._content(state)
         return out
 
@@ -243,7 +244,7 @@ class _SentenceStream:
             if state is None:
                 continue
             tokens = self.evidence.tokens(index)
-            state.settle(verdict, tokens, self.rule)
+            state.settle(verdict, tokens, self.rule, self.call.recalibration)
             if state.stop_at is not None:
                 verdict.generation_stopped = state.generated
 

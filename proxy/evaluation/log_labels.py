@@ -55,6 +55,10 @@ def parse_log(lines: Iterable[str], *, model: str | None = None) -> LoggedLabels
                 continue
             decisions[(parsed.id, parsed.choice)] = parsed
         elif isinstance(parsed, FeedbackRecord):
+            if parsed.sentence is not None:
+                # A sentence's label says nothing of the whole answer.
+                counts["sentence_feedback"] += 1
+                continue
             verdicts[(parsed.id, parsed.choice)] = parsed.correct
         else:
             counts["malformed"] += 1

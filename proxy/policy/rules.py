@@ -87,17 +87,6 @@ class Rule:
     rate_limit_per_second: float | None = None
     rate_limit_burst: int | None = None
 
-    @property
-    def learns_from_feedback(self) -> RecalibrationRule | None:
-        """The recalibration rule feedback feeds, or None.
-
-        Never for a rule judged by sentence: feedback labels whole answers, and a map
-        fitted on them (an answer is right only if all its sentences are) would not give
-        a sentence its P(correct). Such a rule keeps its calibration as shipped, and
-        ``abstain check-policy`` says so.
-        """
-        return self.recalibrate if self.granularity == "answer" else None
-
 
 @dataclass(frozen=True, slots=True)
 class SamplingRule:
@@ -340,11 +329,6 @@ def calibration_mismatches(rule: Rule) -> list[str]:
         problems.append(
             f"granularity sentence needs method logprobs (sentences are scored on their own "
             f"tokens); with method {rule.method} answers are judged as a whole"
-        )
-    if rule.recalibrate is not None and rule.learns_from_feedback is None:
-        problems.append(
-            "recalibrate is ignored with granularity sentence: feedback labels whole "
-            "answers, which cannot recalibrate a P(correct) per sentence"
         )
     cal = rule.calibration
     if cal is None:

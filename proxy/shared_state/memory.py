@@ -14,7 +14,10 @@ from typing import Literal, Protocol
 
 from proxy.errors import ProxyError
 
-#: What claiming the feedback for (id, choice) found: the first word (``new``), the
+#: Per choice judged by sentence: (confidence, shipped P) of each part, in order.
+SentenceParts = tuple[tuple[float | None, float | None], ...]
+
+#: What claiming the feedback for (id, choice[, sentence]) found: the first word (``new``), the
 #: same word again (``duplicate``), the other word (``conflict``), or no such response
 #: any more (``unknown``: it expired between the lookup and the claim).
 Claim = Literal["new", "duplicate", "conflict", "unknown"]
@@ -27,8 +30,35 @@ class Remembered:
     tenant: str
     model: str
     confidences: tuple[float | None, ...]
+    #: per choice, the shipped calibration's P(correct) behind its confidence (what a
+    #: recalibration label is learnt on); None: the confidences themselves
+    bases: tuple[float | None, ...] | None = None
+    #: per choice, its sentence parts when it was judged by sentence (else None)
+    sentences: tuple[SentenceParts | None, ...] | None = None
     #: the feedback already recorded, by choice (``correct`` as given)
     feedback: dict[int, bool] = field(default_factory=dict, compare=False)
+    #: the feedback already recorded on single sentences, by (choice, sentence)
+    sentence_feedback: dict[tuple[int, int], bool] = field(default_factory=dict, compare=False)
+
+    def base(self, choice: int) -> float | None:
+        """The shipped P(correct) behind choice ``choice``'s confidence."""
+        return self.confidences[choice] if self.bases is None else self.bases[choice]
+
+    def parts(self, choice: int) -> SentenceParts | None:
+        """Choice ``choice``'s sentence parts, or None when it was judged whole."""
+        return None if self.sentences is None else self.sentences[choice]
+
+    def previous(self, choice: int, sentence: int | None) -> bool | None:
+        """The feedback already recorded for the choice (or one of its sentences)."""
+        if sentence is None:
+            return self.feedback.get(choice)
+        return self.sentence_feedback.get((choice, sentence))
+
+    def note(self, choice: int, sentence: int | None, correct: bool) -> None:
+        if sentence is None:
+            self.feedback[choice] = correct
+        else:
+            self.sentence_feedback[(choice, sentence)] = correct
 
 
 class SharedStateUnavailable(ProxyError):
@@ -50,9 +80,20 @@ class FeedbackMemory(Protocol):
     """Remembers responses for feedback, and which of their choices got some."""
 
     def remember(
-        self, response_id: str, tenant: str, model: str, confidences: Sequence[float | None]
+        self,
+        response_id: str,
+        tenant: str,
+        model: str,
+        confidences: Sequence[float | None],
+        *,
+        bases: Sequence[float | None] | None = None,
+        sentences: Sequence[SentenceParts | None] | None = None,
     ) -> None:
-        """Keep a response; never blocks the request (a shared store writes in the background)."""
+        """Keep a response; never blocks the request (a shared store writes in the background).
+
+        ``bases``: the shipped P(correct) per choice, when a recalibration answered;
+        ``sentences``: per choice, its parts when judged by sentence.
+        """
         ...
 
     async def lookup(self, tenant: str, response_id: str) -> Remembered | None:
@@ -63,10 +104,16 @@ class FeedbackMemory(Protocol):
         ...
 
     async def claim_feedback(
-        self, tenant: str, response_id: str, choice: int, correct: bool
+        self,
+        tenant: str,
+        response_id: str,
+        choice: int,
+        correct: bool,
+        sentence: int | None = None,
     ) -> Claim:
-        """Record ``correct`` for (id, choice) unless some feedback is there: atomically,
-        so of two pods given the same feedback at once exactly one gets ``new``.
+        """Record ``correct`` for (id, choice), or for one sentence of it, unless some
+        feedback is there: atomically, so of two pods given the same feedback at once
+        exactly one gets ``new``. A choice and each of its sentences are claimed apart.
 
         Raises :class:`SharedStateUnavailable` when the store cannot answer.
         """
@@ -81,9 +128,22 @@ class InMemoryFeedbackMemory:
         self._recent: OrderedDict[str, Remembered] = OrderedDict()
 
     def remember(
-        self, response_id: str, tenant: str, model: str, confidences: Sequence[float | None]
+        self,
+        response_id: str,
+        tenant: str,
+        model: str,
+        confidences: Sequence[float | None],
+        *,
+        bases: Sequence[float | None] | None = None,
+        sentences: Sequence[SentenceParts | None] | None = None,
     ) -> None:
-        self._recent[response_id] = Remembered(tenant, model, tuple(confidences))
+        self._recent[response_id] = Remembered(
+            tenant,
+            model,
+            tuple(confidences),
+            bases=None if bases is None else tuple(bases),
+            sentences=None if sentences is None else tuple(sentences),
+        )
         self._recent.move_to_end(response_id)
         while len(self._recent) > self.size:
             self._recent.popitem(last=False)
@@ -92,25 +152,32 @@ class InMemoryFeedbackMemory:
         """The response, whoever's it is."""
         return self._recent.get(response_id)
 
-    def mark(self, response_id: str, choice: int, correct: bool) -> None:
-        """Note feedback for (id, choice), if the response is still remembered."""
+    def mark(
+        self, response_id: str, choice: int, correct: bool, sentence: int | None = None
+    ) -> None:
+        """Note feedback for (id, choice[, sentence]), if the response is still remembered."""
         seen = self._recent.get(response_id)
         if seen is not None:
-            seen.feedback[choice] = correct
+            seen.note(choice, sentence, correct)
 
     async def lookup(self, tenant: str, response_id: str) -> Remembered | None:
         seen = self._recent.get(response_id)
         return seen if seen is not None and seen.tenant == tenant else None
 
     async def claim_feedback(
-        self, tenant: str, response_id: str, choice: int, correct: bool
+        self,
+        tenant: str,
+        response_id: str,
+        choice: int,
+        correct: bool,
+        sentence: int | None = None,
     ) -> Claim:
         # No await in here: the check and the write cannot interleave with another request.
         seen = self._recent.get(response_id)
         if seen is None or seen.tenant != tenant:
             return "unknown"
-        previous = seen.feedback.get(choice)
+        previous = seen.previous(choice, sentence)
         if previous is None:
-            seen.feedback[choice] = correct
+            seen.note(choice, sentence, correct)
             return "new"
         return "duplicate" if previous == correct else "conflict"

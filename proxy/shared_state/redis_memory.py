@@ -1,8 +1,11 @@
 """The feedback memory in Redis: one hash per response, with a TTL.
 
 Key ``{prefix}fb:{tenant}:{response id}`` (tenant-scoped: another tenant's id is simply
-not there), fields ``tenant``, ``model``, ``conf`` (JSON list of per-choice confidences)
-and ``fb:{choice}`` = ``1``/``0`` once that choice got feedback. Written (``HSET`` +
+not there), fields ``tenant``, ``model``, ``conf`` (JSON list of per-choice confidences),
+``base`` (the shipped P(correct) per choice, when a recalibration answered), ``sent``
+(per choice, ``[[confidence, shipped P], ...]`` of its sentence parts, or null; only
+when some choice was judged by sentence), and ``fb:{choice}`` (``fb:{choice}:{sentence}``
+for one sentence) = ``1``/``0`` once that got feedback. Written (``HSET`` +
 ``EXPIRE`` in one transaction) in the background when the response is recorded;
 claimed by a Lua script (``HSETNX`` of the choice's field), so exactly one of any number
 of identical or contradicting feedbacks, on any pods, is the first.
@@ -15,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from proxy.shared_state.memory import Claim, Remembered
+from proxy.shared_state.memory import Claim, Remembered, SentenceParts
 from proxy.shared_state.redis_state import RedisState
 
 #: 1 new, 0 duplicate, 2 conflict, -1 unknown (expired or never recorded).
@@ -39,10 +42,21 @@ class RedisFeedbackMemory:
         return f"{self.state.prefix}fb:{tenant}:{response_id}"
 
     def remember(
-        self, response_id: str, tenant: str, model: str, confidences: Sequence[float | None]
+        self,
+        response_id: str,
+        tenant: str,
+        model: str,
+        confidences: Sequence[float | None],
+        *,
+        bases: Sequence[float | None] | None = None,
+        sentences: Sequence[SentenceParts | None] | None = None,
     ) -> None:
         key = self.key(tenant, response_id)
         fields = {"tenant": tenant, "model": model, "conf": orjson.dumps(list(confidences))}
+        if bases is not None:
+            fields["base"] = orjson.dumps(list(bases))
+        if sentences is not None:
+            fields["sent"] = orjson.dumps(list(sentences))
         ttl = self.ttl_seconds
 
         def write(pipe: Any) -> None:
@@ -58,21 +72,43 @@ class RedisFeedbackMemory:
         )
         if not data or b"conf" not in data:
             return None
-        feedback = {
-            int(name[3:]): value == b"1" for name, value in data.items() if name[:3] == b"fb:"
-        }
+        feedback: dict[int, bool] = {}
+        sentence_feedback: dict[tuple[int, int], bool] = {}
+        for name, value in data.items():
+            if name[:3] != b"fb:":
+                continue
+            choice, _, sentence = name[3:].partition(b":")
+            if sentence:
+                sentence_feedback[(int(choice), int(sentence))] = value == b"1"
+            else:
+                feedback[int(choice)] = value == b"1"
+        sentences = None
+        if b"sent" in data:
+            sentences = tuple(
+                None if parts is None else tuple((c, b) for c, b in parts)
+                for parts in orjson.loads(data[b"sent"])
+            )
         return Remembered(
             tenant=data.get(b"tenant", tenant.encode()).decode(),
             model=data.get(b"model", b"unknown").decode(),
             confidences=tuple(orjson.loads(data[b"conf"])),
+            bases=tuple(orjson.loads(data[b"base"])) if b"base" in data else None,
+            sentences=sentences,
             feedback=feedback,
+            sentence_feedback=sentence_feedback,
         )
 
     async def claim_feedback(
-        self, tenant: str, response_id: str, choice: int, correct: bool
+        self,
+        tenant: str,
+        response_id: str,
+        choice: int,
+        correct: bool,
+        sentence: int | None = None,
     ) -> Claim:
         key = self.key(tenant, response_id)
-        args = [f"fb:{choice}", "1" if correct else "0"]
+        name = f"fb:{choice}" if sentence is None else f"fb:{choice}:{sentence}"
+        args = [name, "1" if correct else "0"]
         got = await self.state.run(
             "feedback_claim",
             lambda client: self.state.script(CLAIM)(keys=[key], args=args, client=client),

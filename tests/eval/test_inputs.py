@@ -126,3 +126,11 @@ def test_policy_copy_annotates_everywhere_and_fixes_paths(tmp_path: Path) -> Non
 def test_fake_model_questions_are_valid_question_lines() -> None:
     lines = [json.dumps(q) for q in fake_model.questions(5)]
     assert len(datasets.parse_questions(lines)) == 5
+
+
+def test_a_sentences_feedback_is_no_label_of_the_whole_answer() -> None:
+    decision = {"type": "decision", "id": "a", "choice": 0, "model": "m", "scores": {}}
+    feedback = {"type": "feedback", "id": "a", "choice": 0, "sentence": 1, "correct": False}
+    got = parse_log([json.dumps(decision), json.dumps(feedback)], model="m")
+    assert got.correct.tolist() == []
+    assert (got.counts["sentence_feedback"], got.counts["unlabelled"]) == (1, 1)

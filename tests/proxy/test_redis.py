@@ -250,3 +250,33 @@ def test_a_hung_redis_costs_at_most_the_timeout_and_recovers(
 def test_without_a_url_nothing_is_shared(client: TestClient) -> None:
     assert client.app.state.shared_state is None  # type: ignore[attr-defined]
     assert value(client, "abstain_shared_state_up") == 0
+
+
+def test_a_sentences_feedback_through_another_pod_is_claimed_once(
+    make_client: Callable[..., TestClient], server: RedisServer, tmp_path: Path
+) -> None:
+    from tests.conftest import POLICY
+
+    policy = tmp_path / "sentences.yaml"
+    line = "  sure: {upstream: fake}\n"
+    policy.write_text(POLICY.replace(line, line + "  parts: {upstream: fake, "
+                                     "upstream_model: sure, granularity: sentence}\n"))  # fmt: skip
+    a, b = (make_client(policy=policy, redis_url=server.url) for _ in range(2))
+    r = ask(a, model="parts")
+    assert r.status_code == 200
+    rid = r.json()["id"]
+    assert r.json()["choices"][0]["abstention"]["sentences"]
+    settle(a)
+    send = {"id": rid, "correct": True, "sentence": 0}
+    first = b.post("/v1/feedback", json=send, headers=auth("clinic"))
+    assert first.status_code == 200, first.text
+    assert first.json()["recorded"] is True
+    again = a.post("/v1/feedback", json=send, headers=auth("clinic"))
+    assert again.json()["duplicate"] is True
+    whole = a.post("/v1/feedback", json={"id": rid, "correct": False}, headers=auth("clinic"))
+    assert whole.json()["recorded"] is True  # the answer is labelled apart
+    assert value(b, "abstain_sentence_feedback_total", model="parts") == 1
+    client = redis.Redis.from_url(server.url)
+    key = f"abstain:fb:clinic:{rid}"
+    assert (client.hget(key, "fb:0:0"), client.hget(key, "fb:0")) == (b"1", b"0")
+    client.close()

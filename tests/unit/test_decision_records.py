@@ -53,3 +53,29 @@ def test_malformed_lines_are_no_record() -> None:
         {"type": "other", "id": "x"},
     ):
         assert parse_record(bad) is None, bad
+
+
+def test_sentence_feedback_round_trips_and_whole_feedback_has_no_sentence_key() -> None:
+    record = FeedbackRecord("cmpl-1", 0, True, sentence=2)
+    data = record.to_json()
+    assert data["sentence"] == 2
+    assert parse_record(json.loads(json.dumps(data))) == record
+    assert "sentence" not in FeedbackRecord("cmpl-1", 0, True).to_json()
+    bad = {"type": "feedback", "id": "x", "choice": 0, "sentence": "1", "correct": True}
+    assert parse_record(bad) is None
+
+
+def test_a_sentence_verdict_logs_each_parts_raw_scores() -> None:
+    from proxy.verdict import SentenceVerdict
+
+    v = verdict()
+    v.sentences = [
+        SentenceVerdict(0, 5, "sentence", "answer", 0.9, {"min_logprob": -0.1}),
+        SentenceVerdict(6, 9, "code", "unjudged", None),
+    ]
+    record = DecisionRecord.of("cmpl-1", 0, "clinic", "m", v)
+    data = json.loads(json.dumps(record.to_json()))
+    assert data["sentence_scores"] == [{"min_logprob": -0.1}, {}]
+    assert len(data["sentences"]) == 2
+    assert parse_record(data) == record
+    assert "sentence_scores" not in DecisionRecord.of("c", 0, "t", "m", verdict()).to_json()

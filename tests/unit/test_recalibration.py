@@ -244,3 +244,27 @@ def test_a_rule_recalibrates_only_with_a_calibration_and_when_asked() -> None:
     assert (
         parse_policy(text + "defaults: {recalibrate: true}\n").rule(None, "m").recalibrate is None
     )
+
+
+def test_sentences_are_recalibrated_one_by_one_and_keep_the_shipped_p() -> None:
+    from proxy.judge import judge_sentences
+    from proxy.sentences import split
+
+    policy = parse_policy(
+        'upstreams: {u: {base_url: "http://127.0.0.1:9/v1"}}\n'
+        "models: {m: {upstream: u, granularity: sentence}}\n"
+    )
+    cal = Calibration(score="min_logprob", calibrator=Platt("min_logprob", 1.0, 3.0))
+    rule = dataclasses.replace(policy.rule(None, "m"), calibration=cal)
+    segments = split("Lima is the capital. Its currency is the sol.")
+    scores = [{"min_logprob": -0.01}, {"min_logprob": -2.0}]
+    shipped = judge_sentences(segments, scores, rule, sent=False)
+    r = Recalibration(0.5, -1.0, version=2)
+    learnt = judge_sentences(segments, scores, rule, sent=False, recalibration=r)
+    for before, after in zip(shipped, learnt, strict=True):
+        assert before.shipped_confidence is None
+        assert after.shipped_confidence == pytest.approx(before.confidence)
+        assert after.confidence == pytest.approx(r(before.confidence or 0.0))
+        assert after.label_base == before.label_base == before.confidence
+    assert [p.decision for p in shipped] == ["answer", "answer"]
+    assert [p.decision for p in learnt] == ["answer", "abstain"]

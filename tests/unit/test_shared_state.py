@@ -293,3 +293,22 @@ def test_background_commands_queued_together_go_in_one_round_trip() -> None:
         return client.sent
 
     assert run(main()) == [["zrem k 0", "zrem k 1", "zrem k 2"], ["zrem k 3"]]
+
+
+def test_a_sentence_is_claimed_apart_from_its_answer_and_the_parts_are_kept() -> None:
+    memory = InMemoryFeedbackMemory(10)
+    parts = ((0.9, 0.8), (None, None), (0.2, 0.3))
+    memory.remember("r", "t", "m", [0.2], bases=[0.3], sentences=[parts])
+    seen = run(memory.lookup("t", "r"))
+    assert seen.base(0) == 0.3 and seen.parts(0) == parts
+    assert run(memory.claim_feedback("t", "r", 0, True, sentence=2)) == "new"
+    assert run(memory.claim_feedback("t", "r", 0, True, sentence=2)) == "duplicate"
+    assert run(memory.claim_feedback("t", "r", 0, False, sentence=2)) == "conflict"
+    assert run(memory.claim_feedback("t", "r", 0, False, sentence=0)) == "new"
+    assert run(memory.claim_feedback("t", "r", 0, True)) == "new"  # the whole answer
+    assert seen.feedback == {0: True}
+    assert seen.sentence_feedback == {(0, 2): True, (0, 0): False}
+    # Without a recalibration the base is the confidence itself.
+    memory.remember("s", "t", "m", [0.7])
+    plain = run(memory.lookup("t", "s"))
+    assert plain.base(0) == 0.7 and plain.parts(0) is None

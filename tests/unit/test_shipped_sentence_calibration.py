@@ -53,24 +53,3 @@ def test_the_example_policy_judges_sentences_with_it_without_a_warning() -> None
     assert calibration_mismatches(rule) == []
     # The answer-level model of the same file is unchanged.
     assert rules.rule("internal-tool", "gemma-3-270m").granularity == "answer"
-
-
-def test_feedback_recalibrates_answer_rules_only(tmp_path: Path) -> None:
-    text = f"""
-upstreams: {{up: {{base_url: "http://up.test/v1"}}}}
-models:
-  whole: {{upstream: up, calibration: {ROOT / "policies/calibration/gemma-3-270m.json"}}}
-  parts: {{upstream: up, granularity: sentence, calibration: {SHIPPED}}}
-defaults: {{recalibrate: true}}
-"""
-    (tmp_path / "p.yaml").write_text(text)
-    rules = load_policy(tmp_path / "p.yaml")
-    assert rules.rule(None, "whole").learns_from_feedback is not None
-    sentence = rules.rule(None, "parts")
-    # Asked for, but feedback labels whole answers: not applied, and said so.
-    assert sentence.recalibrate is not None and sentence.learns_from_feedback is None
-    assert calibration_mismatches(sentence) == [
-        "recalibrate is ignored with granularity sentence: feedback labels whole answers, "
-        "which cannot recalibrate a P(correct) per sentence"
-    ]
-    assert calibration_mismatches(rules.rule(None, "whole")) == []
