@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -86,3 +87,19 @@ def test_a_three_sentence_answer_streams_sentence_by_sentence(client: openai.Ope
     assert len(deltas) >= 2
     assert set(ends[:-1]) <= {p["end"] for p in parts}
     assert ends[-1] == len(text)
+
+
+def test_one_sentence_of_a_real_answer_takes_feedback(client: openai.OpenAI) -> None:
+    stream = client.completions.create(
+        model=local_model.MODEL_ALIAS, prompt=PROMPT, max_tokens=40, stop=["\n"],
+        temperature=0, stream=True,
+    )  # fmt: skip
+    chunks = list(stream)
+    parts = chunks[-1].model_extra["abstention"]["sentences"]  # type: ignore[index]
+    judged = next(i for i, p in enumerate(parts) if p["confidence"] is not None)
+    label = {"id": chunks[0].id, "sentence": judged, "correct": True}
+    first = client.post("/feedback", cast_to=httpx.Response, body=label)
+    assert first.status_code == 200
+    assert first.json()["recorded"] is True and first.json()["sentence"] == judged
+    again = client.post("/feedback", cast_to=httpx.Response, body=label)
+    assert again.json()["duplicate"] is True
