@@ -17,7 +17,8 @@ A request may script the answer instead: ``x_tokens`` (``[text, logprob]`` pairs
 answer of every choice) or ``x_tokens_n`` (one such list per choice). Streamed, each token
 is a chunk of its own (choices interleaved), with its logprob, written as UTF-8 (not
 as JSON escapes); ``x_error_after: k`` sends an error event after the first k tokens, and
-``x_byte_chunks: k`` (the mock transport only) delivers the stream k bytes at a time.
+``x_byte_chunks: k`` (the mock transport only) delivers the stream k bytes at a time;
+``x_id`` sets a scripted answer's response id.
 
 Every answer echoes the request it got under ``x_echo`` (so tests can check what the
 proxy sent upstream) and carries an unknown field ``x_upstream_extra`` (so tests can
@@ -129,7 +130,7 @@ def _scripted_completion(
         choices.append(choice)
     generated = sum(len(a) for a in answers)
     return {
-        "id": f"cmpl-fake-{body['model']}",
+        "id": body.get("x_id") or f"cmpl-fake-{body['model']}",
         "object": "chat.completion" if kind == "chat" else "text_completion",
         "created": 1700000000,
         "model": body["model"],
@@ -146,7 +147,7 @@ def _scripted_chunks(
     kind: str, body: dict[str, Any], answers: list[list[tuple[str, float]]]
 ) -> list[dict[str, Any]]:
     head = {
-        "id": f"cmpl-fake-{body['model']}",
+        "id": body.get("x_id") or f"cmpl-fake-{body['model']}",
         "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
         "created": 1700000000,
         "model": body["model"],

@@ -7,7 +7,8 @@
     abstain calibrate --dataset SET --model NAME --method consistency|hybrid
                       [--samples 8] [--temperature 0.7] [--matcher exact|numeric|embedding]
                       [--embedding-threshold 0.8] --out FILE
-    abstain calibrate --from-log PATH [--model NAME] [--score NAME] --out FILE
+    abstain calibrate --from-log PATH [--model NAME] [--score NAME]
+                      [--granularity answer|sentence] --out FILE
     abstain eval --dataset SET --model NAME [--policy FILE | --base-url URL | --direct]
                  [--thresholds 0,0.5,0.75,0.9] --out DIR
 
@@ -116,6 +117,13 @@ def add_commands(sub: Any) -> None:
     cal = sub.add_parser("calibrate", help="fit a calibration file from labelled questions")
     _common(cal)
     cal.add_argument("--from-log", type=Path, help="refit from a decision log with feedback")
+    cal.add_argument(
+        "--granularity",
+        choices=("answer", "sentence"),
+        default="answer",
+        help="with --from-log: fit on the labels of whole answers, or of single sentences "
+        "(feedback with 'sentence', joined to that part's scores)",
+    )
     cal.add_argument("--base-url", default=DEFAULT_MODEL_URL, help="the model to ask")
     cal.add_argument(
         "--method",
@@ -192,9 +200,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.method == "hybrid" and args.score:
         return _fail("--method hybrid fits one logistic model over fixed features; drop --score")
     method = args.method or "logprobs"
+    if args.granularity == "sentence" and args.from_log is None:
+        return _fail("--granularity sentence is for --from-log; a question set says its own")
     if args.from_log is not None:
+        sentences = args.granularity == "sentence"
         try:
-            logged = read_log(args.from_log, model=args.model)
+            logged = read_log(args.from_log, model=args.model, sentences=sentences)
         except OSError as exc:
             return _fail(f"{args.from_log}: {exc.strerror}")
         print("decision log: " + ", ".join(f"{k} {v}" for k, v in sorted(logged.counts.items())))
@@ -203,6 +214,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if args.method is None and logged.methods:
             method = logged.methods.most_common(1)[0][0]
         fitted_on: dict[str, Any] = {"dataset": f"decision-log:{args.from_log.name}"}
+        if sentences:
+            # Scored as the proxy scores sentences (every token), and fitted like the
+            # shipped sentence calibration: check-policy matches the unit to the rule's.
+            args.multi_claim = True
+            fitted_on.update(granularity="sentence", sentence_tokens="all")
     else:
         if not args.model:
             return _fail("--model is required with --dataset")
@@ -230,7 +246,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         # A decision log holds them only for answers judged by a calibration reading them.
         print(f"warning: the labelled answers lack {', '.join(lacking)}: left out of the "
               "logistic candidate", file=sys.stderr)  # fmt: skip
-    print(f"{data.n} labelled answers, {int(data.correct.sum())} right")
+    unit = "sentences" if args.multi_claim else "answers"
+    print(f"{data.n} labelled {unit}, {int(data.correct.sum())} right")
     # The hybrid is written whatever its rank: the rows after it show each half alone.
     criterion = None if method == "hybrid" and not args.score else args.select_by
     print(ranking_table([c for c, _ in ranked], criterion))

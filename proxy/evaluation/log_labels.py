@@ -4,7 +4,13 @@ The log is JSON Lines of :class:`~proxy.decision_records.DecisionRecord` and
 :class:`~proxy.decision_records.FeedbackRecord`, joined on ``(id, choice)``.
 
 A decision without feedback is unlabelled and left out; when feedback for one answer
-arrives more than once, the last word counts (a user may correct a hasty click). Lines
+arrives more than once, the last word counts (a user may correct a hasty click).
+
+``sentences=True`` reads the labels of single sentences instead: feedback that names a
+``sentence`` is joined, on ``(id, choice, sentence)``, to that part's raw scores in the
+decision's ``sentence_scores``; feedback on whole answers is then counted and left out,
+as sentence feedback is when reading answers (an answer is right only when all its
+sentences are, which labels none of them). Lines
 that are not valid JSON are counted and skipped rather than fatal: a log written by a
 process that was killed mid-line must still be usable.
 """
@@ -13,7 +19,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +41,14 @@ class LoggedLabels:
     counts: Counter[str] = field(default_factory=Counter)
 
 
-def parse_log(lines: Iterable[str], *, model: str | None = None) -> LoggedLabels:
-    """Join decisions with their feedback; only ``model``'s decisions when given."""
+def parse_log(
+    lines: Iterable[str], *, model: str | None = None, sentences: bool = False
+) -> LoggedLabels:
+    """Join decisions with their feedback; only ``model``'s decisions when given; the
+    labels of single sentences with ``sentences``."""
     counts: Counter[str] = Counter()
     decisions: dict[tuple[str, int], DecisionRecord] = {}
-    verdicts: dict[tuple[str, int], bool] = {}
+    verdicts: dict[tuple[str, int, int | None], bool] = {}
     for line in lines:
         if not line.strip():
             continue
@@ -55,27 +64,38 @@ def parse_log(lines: Iterable[str], *, model: str | None = None) -> LoggedLabels
                 continue
             decisions[(parsed.id, parsed.choice)] = parsed
         elif isinstance(parsed, FeedbackRecord):
-            if parsed.sentence is not None:
-                # A sentence's label says nothing of the whole answer.
-                counts["sentence_feedback"] += 1
+            if (parsed.sentence is not None) != sentences:
+                # A sentence's label says nothing of the whole answer, nor the reverse.
+                counts["answer_feedback" if sentences else "sentence_feedback"] += 1
                 continue
-            verdicts[(parsed.id, parsed.choice)] = parsed.correct
+            verdicts[(parsed.id, parsed.choice, parsed.sentence)] = parsed.correct
         else:
             counts["malformed"] += 1
     counts["decisions"] = len(decisions)
     counts["feedback"] = len(verdicts)
-    joined = [k for k in decisions if k in verdicts]
+    counts["feedback_without_decision"] = 0  # reported even when there is none
+    # (label key, the decision, the scores labelled): the answer's, or one part's.
+    joined: list[tuple[tuple[str, int, int | None], DecisionRecord, Mapping[str, Any]]] = []
+    for key in verdicts:
+        record = decisions.get(key[:2])
+        if record is None:
+            counts["feedback_without_decision"] += 1
+        elif key[2] is None:
+            joined.append((key, record, record.scores))
+        elif record.sentence_scores is not None and key[2] < len(record.sentence_scores):
+            joined.append((key, record, record.sentence_scores[key[2]]))
+        else:
+            counts["feedback_without_sentence"] += 1
     counts["labelled"] = len(joined)
-    counts["unlabelled"] = len(decisions) - len(joined)
-    counts["feedback_without_decision"] = sum(1 for k in verdicts if k not in decisions)
-    names = sorted({n for k in joined for n in decisions[k].scores})
+    counts["unlabelled"] = len(decisions) - len({key[:2] for key, _, _ in joined})
+    names = sorted({n for _, _, scores in joined for n in scores})
     features = {
-        n: np.array([_num(decisions[k].scores.get(n)) for k in joined], dtype=np.float64)
+        n: np.array([_num(scores.get(n)) for _, _, scores in joined], dtype=np.float64)
         for n in names
     }
-    correct = np.array([1.0 if verdicts[k] else 0.0 for k in joined])
-    models = Counter(decisions[k].model for k in joined)
-    methods = Counter(decisions[k].method for k in joined)
+    correct = np.array([1.0 if verdicts[key] else 0.0 for key, _, _ in joined])
+    models = Counter(record.model for _, record, _ in joined)
+    methods = Counter(record.method for _, record, _ in joined)
     return LoggedLabels(features, correct, models, methods, counts)
 
 
@@ -85,7 +105,9 @@ def _num(value: Any) -> float:
     )
 
 
-def read_log(path: str | Path, *, model: str | None = None) -> LoggedLabels:
+def read_log(
+    path: str | Path, *, model: str | None = None, sentences: bool = False
+) -> LoggedLabels:
     """:func:`parse_log` on a file; ``OSError`` propagates with the path in it."""
     with Path(path).open(encoding="utf-8") as f:
-        return parse_log(f, model=model)
+        return parse_log(f, model=model, sentences=sentences)

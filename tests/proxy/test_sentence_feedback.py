@@ -69,9 +69,12 @@ def client(make_client: Callable[..., TestClient], tmp_path: Path) -> TestClient
     return make_client(decision_log=tmp_path / "decisions.jsonl")
 
 
-def ask(client: TestClient, model: str = "peru", stream: bool = False) -> dict[str, Any]:
-    """The response (or, streamed, the verdict chunk) to the Peru answer of the fake."""
-    body = {"model": model, "x_tokens": TOKENS, "stream": stream,
+def ask(
+    client: TestClient, model: str = "peru", stream: bool = False, rid: str | None = None
+) -> dict[str, Any]:
+    """The response (or, streamed, the verdict chunk) to the Peru answer of the fake
+    (with the response id ``rid``, else the fake's one id for every answer)."""
+    body = {"model": model, "x_tokens": TOKENS, "stream": stream, "x_id": rid,
             "messages": [{"role": "user", "content": "Tell me about Peru."}]}  # fmt: skip
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
@@ -186,3 +189,28 @@ def test_sentence_labels_recalibrate_the_sentences(
     exported = load_calibration(out)
     sure = {"min_logprob": math.log(0.95)}
     assert exported(sure) == pytest.approx(verdict["sentences"][0]["confidence"], abs=1e-5)
+
+
+def test_a_sentence_calibration_is_refitted_from_the_log(
+    client: TestClient, tmp_path: Path
+) -> None:
+    # The sure sentences right 9 times in 10, the unsure one right 1 time in 10.
+    for i in range(30):
+        rid = ask(client, rid=f"cmpl-{i}")["id"]
+        for k in range(3):
+            right = (i % 10 != 0) if k < 2 else (i % 10 == 0)
+            assert feedback(client, rid, sentence=k, correct=right).status_code == 200
+        assert feedback(client, rid, correct=False).status_code == 200  # no sentence label
+    out = tmp_path / "refit.json"
+    log = tmp_path / "decisions.jsonl"
+    assert main(["calibrate", "--from-log", str(log), "--granularity", "sentence",
+                 "--calibrators", "platt", "--score", "min_logprob", "--out", str(out)]) == 0  # fmt: skip
+    refit = load_calibration(out)
+    assert refit.fitted_on["granularity"] == "sentence"
+    assert refit.fitted_on["dataset"] == "decision-log:decisions.jsonl"
+    sure, unsure = refit({"min_logprob": math.log(0.95)}), refit({"min_logprob": math.log(0.05)})
+    assert sure is not None and unsure is not None
+    assert sure == pytest.approx(0.9, abs=0.05) and unsure == pytest.approx(0.1, abs=0.05)
+    # Without --from-log the granularity comes from the question set.
+    assert main(["calibrate", "--dataset", "facts-dev", "--model", "m", "--granularity",
+                 "sentence", "--out", str(out)]) == 2  # fmt: skip
