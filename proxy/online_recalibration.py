@@ -41,6 +41,9 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+_SENTENCES = " (sentences)"
+
+
 def recalibration_model(model: str, granularity: str) -> str:
     """The name labels and a map are kept under: the model's, or ``<model> (sentences)``
     for a rule judged by sentence. Labels of answers and of sentences must not mix: an
@@ -51,9 +54,6 @@ def recalibration_model(model: str, granularity: str) -> str:
 def served_model(name: str) -> str:
     """The model a name of :func:`recalibration_model` belongs to."""
     return name.removesuffix(_SENTENCES)
-
-
-_SENTENCES = " (sentences)"
 
 
 class OnlineRecalibration:

@@ -181,10 +181,10 @@ async def feedback(request: Request) -> Response:
     claim = await memory.claim_feedback(tenant, rid, choice, correct, sentence)
     if claim == "unknown":  # expired since the lookup
         raise NotFound(f"No recent response with id {rid[:100]!r}.", param="id")
-    what = "this response" if sentence is None else f"sentence {sentence} of this response"
+    what = f"choice {choice}" if sentence is None else f"sentence {sentence} of choice {choice}"
     if claim == "conflict":
         raise Conflict(
-            f"Feedback for choice {choice} of {what} was already recorded as "
+            f"Feedback for {what} of this response was already recorded as "
             f"correct={str(not correct).lower()}; the first feedback stands.",
             param="correct",
             code="feedback_conflict",
@@ -205,8 +205,7 @@ async def feedback(request: Request) -> Response:
     level = "answer" if sentence is None else "sentence"
     if rule.granularity == level:
         name = recalibration_model(seen.model, level)
-        learns = rule.recalibrate
-        await state.recalibration.feedback(learns, seen.tenant, name, base, correct)
+        await state.recalibration.feedback(rule.recalibrate, seen.tenant, name, base, correct)
     out.update(recorded=True, bin=bin_label)
     return Response(orjson.dumps(out), media_type=_JSON)
 

@@ -112,7 +112,7 @@ def test_a_sentence_is_labelled_apart_from_the_answer_and_once(
     assert again.json()["recorded"] is False and again.json()["duplicate"] is True
     other = feedback(client, rid, sentence=0, correct=False)
     assert other.status_code == 409
-    assert "sentence 0 of this response" in other.json()["error"]["message"]
+    assert "sentence 0 of choice 0 of this response" in other.json()["error"]["message"]
     # Another sentence, and the whole answer, are labels of their own.
     assert feedback(client, rid, sentence=2, correct=False).json()["recorded"] is True
     assert feedback(client, rid, correct=False).json()["recorded"] is True
