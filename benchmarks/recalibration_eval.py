@@ -33,6 +33,11 @@ server asked first (same weights, greedy decoding).
   sigmoid(0.5·logit(p) − 0.8) and sigmoid(1.6·logit(p) + 0.4) (**synthetic**). Under the
   first no answer is right more than 59 % of the time, so at t = 0.75 the right
   behaviour is to answer nothing.
+* ``facts-multi-test sentences`` and its two distortions: the same for a rule judged by
+  sentence, whose labels are feedback on single sentences. Every sentence of the
+  held-out multi-fact answers with the shipped sentence calibration's P(correct) and its
+  grade (``benchmarks/results/sentences/answers.jsonl``, written by
+  ``benchmarks/sentence_eval.py``); the in-domain control for sentences.
 
 Real answers are read from the answer cache that ``benchmarks/calibration_eval.py``
 shares (~/.cache/abstain/generations); ``--generate`` asks the questions missing from it
@@ -65,6 +70,7 @@ from proxy.evaluation.prompts import get_template
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "policies" / "calibration" / "gemma-3-270m.json"
 ANSWERS = ROOT / "benchmarks" / "results" / "answers.jsonl"
+SENTENCES = ROOT / "benchmarks" / "results" / "sentences" / "answers.jsonl"
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = local_model.MODEL_ALIAS
 FEEDBACK = 200
@@ -133,6 +139,19 @@ def _answers_file(cal: Calibration) -> tuple[np.ndarray, np.ndarray]:
         if p is not None:
             base.append(p)
             correct.append(1.0 if row["correct"] else 0.0)
+    return np.array(base), np.array(correct)
+
+
+def _sentences_file() -> tuple[np.ndarray, np.ndarray]:
+    """(shipped P, correct) of every graded sentence of the held-out multi-fact answers."""
+    rows = [json.loads(line) for line in SENTENCES.read_text().splitlines() if line.strip()]
+    base, correct = [], []
+    for row in rows:
+        for sentence in row.get("sentences") or ():
+            p, right = sentence.get("confidence"), sentence.get("correct")
+            if p is not None and isinstance(right, bool):
+                base.append(p)
+                correct.append(1.0 if right else 0.0)
     return np.array(base), np.array(correct)
 
 
@@ -297,18 +316,23 @@ def main(argv: list[str] | None = None) -> int:
             real(url)
     else:
         real(None)
-    base, correct = _answers_file(cal)
-    sets.append(Labelled("facts-extra (in-domain control)", "real", base, correct))
-    for name, (a, b) in DISTORTIONS.items():
-        truth = Recalibration(a, b).apply(base)
-        drawn = (np.random.default_rng(12).uniform(size=base.size) < truth).astype(float)
-        sets.append(Labelled(f"facts-extra, {name}", "synthetic", base, drawn, truth))
+    for label, (base, correct) in (
+        ("facts-extra", _answers_file(cal)),
+        ("facts-multi-test sentences", _sentences_file()),
+    ):
+        sets.append(Labelled(f"{label} (in-domain control)", "real", base, correct))
+        for name, (a, b) in DISTORTIONS.items():
+            truth = Recalibration(a, b).apply(base)
+            drawn = (np.random.default_rng(12).uniform(size=base.size) < truth).astype(float)
+            sets.append(Labelled(f"{label}, {name}", "synthetic", base, drawn, truth))
 
     rows = [summarise(s, args.seeds) for s in sets]
     lines = [
         f"Recalibration after {FEEDBACK} feedback labels ({args.seeds} shuffles; "
         f"min_labels {RULE.min_labels}, refit_every {RULE.refit_every}, holdout "
         f"{RULE.holdout}, prior {RULE.prior_strength}). Judged on the answers no fit saw.",
+        "In the sentence rows an answer is one sentence, and 'questions' counts distinct "
+        "sentences.",
         "",
         *table(rows),
         "",
