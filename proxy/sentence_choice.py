@@ -45,6 +45,9 @@ class SentenceChoice:
     kind: Kind
     #: the client asked for logprobs: keep each scored token's wire entry
     keep_entries: bool
+    #: the call's rule, and the recalibration it is judged with (fixed for the call)
+    rule: Rule
+    recalibration: Recalibration | None = None
     text: str = ""
     finish_reason: str | None = None
     #: logprob entries received (every token the upstream generated for this choice)
@@ -131,15 +134,10 @@ class SentenceChoice:
 
     # ------------------------------------------------------------------ judging
 
-    def advance(
-        self,
-        tokens: Callable[[], Tokens | None],
-        rule: Rule,
-        recalibration: Recalibration | None = None,
-    ) -> None:
+    def advance(self, tokens: Callable[[], Tokens | None]) -> None:
         """Judge and place the segments completed since the last call (``tokens``: the
-        scored tokens so far, read only when there is something to judge; the call's
-        ``recalibration``, if any, applied as the final judge applies it)."""
+        scored tokens so far, read only when there is something to judge)."""
+        rule = self.rule
         if self.stop_at is not None or _MAYBE_END.search(self.text, self.cursor) is None:
             return  # the cheap test first: most chunks complete nothing
         region = self._region()
@@ -160,11 +158,11 @@ class SentenceChoice:
             self.unaligned_at = len(new)
             return
         self.unaligned_at = -1
-        parts = judge_sentences(new, scores, rule, sent=False, recalibration=recalibration)
+        parts = judge_sentences(new, scores, rule, sent=False, recalibration=self.recalibration)
         for segment, part in zip(new, parts, strict=True):
             self.segments.append(segment)
             self.parts.append(part)
-            self.place(part, rule)
+            self.place(part)
             if rule.stop_on_withheld and part.decision == "abstain":
                 self.stop_at = segment.end
                 return
@@ -183,7 +181,7 @@ class SentenceChoice:
 
     # ------------------------------------------------------------ what is sent
 
-    def place(self, part: SentenceVerdict, rule: Rule) -> None:
+    def place(self, part: SentenceVerdict) -> None:
         """Add what the client gets for one judged part (at its offsets in ``text``, which
         are moved to the client's text), as :func:`~proxy.rewrite.rewrite_sentences` does."""
         assert part.start is not None and part.end is not None
@@ -196,7 +194,7 @@ class SentenceChoice:
             and part.decision == "abstain"
             and "\n" not in gap
         )
-        new = sentence_text(self.text, part, rule, after_withheld=run)
+        new = sentence_text(self.text, part, self.rule, after_withheld=run)
         gap_start, self.cursor = self.cursor, end
         if run and not new:
             assert previous is not None
@@ -334,13 +332,7 @@ class SentenceChoice:
         scores = scores_from_tokens(kept.lps, kept.tops)
         return ChoiceEvidence(evidence.index, self.text, scores, evidence.tool_call, tokens=kept)
 
-    def settle(
-        self,
-        verdict: Verdict,
-        tokens: Tokens | None,
-        rule: Rule,
-        recalibration: Recalibration | None = None,
-    ) -> None:
+    def settle(self, verdict: Verdict, tokens: Tokens | None) -> None:
         """Make the judge's verdict on the whole answer describe what was sent (in place).
 
         In the normal case its first parts are the ones already sent, with the same
@@ -370,6 +362,7 @@ class SentenceChoice:
         scores = None
         if tokens is not None and rest:
             scores = segment_scores(rest, self.text, tokens.texts, tokens.lps, tokens.tops)
+        rule, recalibration = self.rule, self.recalibration
         parts = judge_sentences(
             rest, scores or [{} for _ in rest], rule, sent=False, recalibration=recalibration
         )
@@ -386,7 +379,7 @@ class SentenceChoice:
         self.previous, self.run_start = None, None
         self.held, self.held_entries = [], []
 
-    def finish(self, verdict: Verdict, rule: Rule) -> None:
+    def finish(self, verdict: Verdict) -> None:
         """Place the rest of the answer under the final verdict."""
         text = self.text
         if verdict.sentences is None:
@@ -398,12 +391,12 @@ class SentenceChoice:
                 if self.kind == "chat"
                 else {"text": text}
             )
-            apply_verdict(self.kind, choice, verdict, rule)
+            apply_verdict(self.kind, choice, verdict, self.rule)
             entries = self._verbatim(0, len(text), 0) if verdict.decision in _AS_IS else []
             self._put(choice_text(self.kind, choice) or "", entries, shows=True)
             return
         for part in verdict.sentences[len(self.parts) :]:
-            self.place(part, rule)
+            self.place(part)
         entries = self._verbatim(self.cursor, len(text), self.length)
         self._put(text[self.cursor :], entries, shows=False)
         if verdict.decision == "abstain":
@@ -411,6 +404,6 @@ class SentenceChoice:
             self.held, self.held_entries = [], []
             for part in verdict.sentences:
                 part.start = part.end = None
-            self._put(rule.abstention_message, [], shows=True)
+            self._put(self.rule.abstention_message, [], shows=True)
         else:
             self._put("", [], shows=True)

@@ -194,7 +194,7 @@ class _SentenceStream:
             state = self.choices.get(index)
             if state is None:
                 state = self.choices[index] = SentenceChoice(
-                    index, self.kind, self.call.client_logprobs
+                    index, self.kind, self.call.client_logprobs, self.rule, self.call.recalibration
                 )
             others = state.others(choice)
             if others is not None and state.stop_at is None:
@@ -202,8 +202,7 @@ class _SentenceStream:
             if state.read(choice) and state not in grown:
                 grown.append(state)
         for state in grown:
-            tokens = partial(self.evidence.tokens, state.index)
-            state.advance(tokens, self.rule, self.call.recalibration)
+            state.advance(partial(self.evidence.tokens, state.index))
             out += self._content(state)
         return out
 
@@ -244,7 +243,7 @@ class _SentenceStream:
             if state is None:
                 continue
             tokens = self.evidence.tokens(index)
-            state.settle(verdict, tokens, self.rule, self.call.recalibration)
+            state.settle(verdict, tokens)
             if state.stop_at is not None:
                 verdict.generation_stopped = state.generated
 
@@ -255,7 +254,7 @@ class _SentenceStream:
             state = self.choices.get(index)
             if state is None:
                 continue
-            state.finish(verdict, self.rule)
+            state.finish(verdict)
             out += self._content(state, last=True)
             reason = "stop" if state.stop_at is not None else state.finish_reason or "stop"
             out.append(self._finish_chunk(state, reason))
