@@ -45,7 +45,7 @@ from proxy.policy.loading import PolicyStore
 from proxy.protocol import Kind, dump_json, parse_json_body, validate_request
 from proxy.recording import Recorder
 from proxy.rewrite import verdict_headers
-from proxy.shared_state.memory import Remembered
+from proxy.shared_state.memory import MAX_SENTENCES, Remembered
 
 _JSON = "application/json"
 
@@ -227,7 +227,11 @@ def _labelled(
             f"Choice {choice} was judged as a whole: give no 'sentence'.", param="sentence"
         )
     if sentence >= len(parts):
-        raise BadRequest(f"Choice {choice} has {len(parts)} part(s).", param="sentence")
+        if len(parts) == MAX_SENTENCES:
+            message = f"Only the first {MAX_SENTENCES} parts of an answer take feedback."
+        else:
+            message = f"Choice {choice} has {len(parts)} part(s)."
+        raise BadRequest(message, param="sentence")
     p, base = parts[sentence]
     if p is None:
         raise BadRequest(

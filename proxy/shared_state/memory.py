@@ -7,6 +7,8 @@ the shared one (a TTL per response, idempotent across pods).
 
 from __future__ import annotations
 
+import math
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +18,32 @@ from proxy.errors import ProxyError
 
 #: Per choice judged by sentence: (confidence, shipped P) of each part, in order.
 SentenceParts = tuple[tuple[float | None, float | None], ...]
+
+#: Parts of one choice remembered for feedback. The memory holds up to
+#: ``ABSTAIN_FEEDBACK_MEMORY`` responses, and an upstream may answer with thousands of
+#: "sentences": without a cap one response could hold megabytes. 64 parts, packed as
+#: doubles, are at most 1 KiB a choice.
+MAX_SENTENCES = 64
+
+
+def pack(parts: SentenceParts) -> array[float]:
+    """The first :data:`MAX_SENTENCES` parts as one array of doubles (None as NaN)."""
+    return array(
+        "d", [math.nan if v is None else v for pair in parts[:MAX_SENTENCES] for v in pair]
+    )
+
+
+def unpack(packed: array[float]) -> SentenceParts:
+    values = [None if math.isnan(v) else v for v in packed]
+    return tuple(zip(values[::2], values[1::2], strict=True))
+
+
+def packed_parts(
+    sentences: Sequence[SentenceParts | None],
+) -> tuple[array[float] | None, ...]:
+    """Every choice's parts, packed (None for a choice judged whole)."""
+    return tuple(None if parts is None else pack(parts) for parts in sentences)
+
 
 #: What claiming the feedback for (id, choice[, sentence]) found: the first word (``new``), the
 #: same word again (``duplicate``), the other word (``conflict``), or no such response
@@ -33,8 +61,9 @@ class Remembered:
     #: per choice, the shipped calibration's P(correct) behind its confidence (what a
     #: recalibration label is learnt on); None: the confidences themselves
     bases: tuple[float | None, ...] | None = None
-    #: per choice, its sentence parts when it was judged by sentence (else None)
-    sentences: tuple[SentenceParts | None, ...] | None = None
+    #: per choice, its sentence parts when it was judged by sentence (else None),
+    #: packed (:func:`pack`; read them with :meth:`parts`)
+    sentences: tuple[array[float] | None, ...] | None = None
     #: the feedback already recorded, by choice (``correct`` as given)
     feedback: dict[int, bool] = field(default_factory=dict, compare=False)
     #: the feedback already recorded on single sentences, by (choice, sentence)
@@ -45,8 +74,10 @@ class Remembered:
         return self.confidences[choice] if self.bases is None else self.bases[choice]
 
     def parts(self, choice: int) -> SentenceParts | None:
-        """Choice ``choice``'s sentence parts, or None when it was judged whole."""
-        return None if self.sentences is None else self.sentences[choice]
+        """Choice ``choice``'s sentence parts (the first :data:`MAX_SENTENCES`), or None
+        when it was judged whole."""
+        packed = None if self.sentences is None else self.sentences[choice]
+        return None if packed is None else unpack(packed)
 
     def previous(self, choice: int, sentence: int | None) -> bool | None:
         """The feedback already recorded for the choice (or one of its sentences)."""
@@ -142,7 +173,7 @@ class InMemoryFeedbackMemory:
             model,
             tuple(confidences),
             bases=None if bases is None else tuple(bases),
-            sentences=None if sentences is None else tuple(sentences),
+            sentences=None if sentences is None else packed_parts(sentences),
         )
         self._recent.move_to_end(response_id)
         while len(self._recent) > self.size:

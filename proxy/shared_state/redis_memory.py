@@ -18,7 +18,13 @@ from typing import Any
 
 import orjson
 
-from proxy.shared_state.memory import Claim, Remembered, SentenceParts
+from proxy.shared_state.memory import (
+    MAX_SENTENCES,
+    Claim,
+    Remembered,
+    SentenceParts,
+    packed_parts,
+)
 from proxy.shared_state.redis_state import RedisState
 
 #: 1 new, 0 duplicate, 2 conflict, -1 unknown (expired or never recorded).
@@ -56,7 +62,8 @@ class RedisFeedbackMemory:
         if bases is not None:
             fields["base"] = orjson.dumps(list(bases))
         if sentences is not None:
-            fields["sent"] = orjson.dumps(list(sentences))
+            capped = [None if parts is None else parts[:MAX_SENTENCES] for parts in sentences]
+            fields["sent"] = orjson.dumps(capped)
         ttl = self.ttl_seconds
 
         def write(pipe: Any) -> None:
@@ -84,9 +91,11 @@ class RedisFeedbackMemory:
                 feedback[int(choice)] = value == b"1"
         sentences = None
         if b"sent" in data:
-            sentences = tuple(
-                None if parts is None else tuple((c, b) for c, b in parts)
-                for parts in orjson.loads(data[b"sent"])
+            sentences = packed_parts(
+                [
+                    None if parts is None else tuple((c, b) for c, b in parts)
+                    for parts in orjson.loads(data[b"sent"])
+                ]
             )
         return Remembered(
             tenant=data.get(b"tenant", tenant.encode()).decode(),

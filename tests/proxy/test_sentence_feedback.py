@@ -214,3 +214,16 @@ def test_a_sentence_calibration_is_refitted_from_the_log(
     # Without --from-log the granularity comes from the question set.
     assert main(["calibrate", "--dataset", "facts-dev", "--model", "m", "--granularity",
                  "sentence", "--out", str(out)]) == 2  # fmt: skip
+
+
+def test_feedback_covers_the_first_64_sentences_of_a_long_answer(client: TestClient) -> None:
+    sure = math.log(0.95)
+    tokens = [(t, sure) for _ in range(70) for t in (" Yes", ".")]
+    body = {"model": "peru", "x_tokens": tokens, "x_id": "cmpl-long",
+            "messages": [{"role": "user", "content": "Yes?"}]}  # fmt: skip
+    r = client.post("/v1/chat/completions", json=body)
+    assert len(r.json()["choices"][0]["abstention"]["sentences"]) == 70
+    assert feedback(client, "cmpl-long", sentence=63, correct=True).status_code == 200
+    late = feedback(client, "cmpl-long", sentence=64, correct=True)
+    assert late.status_code == 400
+    assert "Only the first 64 parts" in late.json()["error"]["message"]

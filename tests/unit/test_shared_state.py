@@ -312,3 +312,13 @@ def test_a_sentence_is_claimed_apart_from_its_answer_and_the_parts_are_kept() ->
     memory.remember("s", "t", "m", [0.7])
     plain = run(memory.lookup("t", "s"))
     assert plain.base(0) == 0.7 and plain.parts(0) is None
+
+
+def test_only_the_first_sentences_of_a_choice_are_remembered() -> None:
+    from proxy.shared_state.memory import MAX_SENTENCES
+
+    memory = InMemoryFeedbackMemory(10)
+    many = tuple((0.5, 0.4) for _ in range(MAX_SENTENCES + 100))
+    memory.remember("r", "t", "m", [0.5], sentences=[many])
+    seen = run(memory.lookup("t", "r"))
+    assert seen.parts(0) == many[:MAX_SENTENCES]
