@@ -38,6 +38,11 @@ server asked first (same weights, greedy decoding).
   held-out multi-fact answers with the shipped sentence calibration's P(correct) and its
   grade (``benchmarks/results/sentences/answers.jsonl``, written by
   ``benchmarks/sentence_eval.py``); the in-domain control for sentences.
+* ``facts-multi-test sentences, another wording``: the same questions asked through a
+  prompt the sentence calibration never saw (an instruction, ``Question:``/``Answer:``,
+  and shots whose sentences name the entity: "The capital of Japan is Tokyo. Japan uses
+  the Japanese yen."), labelled sentence by sentence as ``abstain calibrate`` labels a
+  multi-fact set (real, generated with ``--generate``).
 
 Real answers are read from the answer cache that ``benchmarks/calibration_eval.py``
 shares (~/.cache/abstain/generations); ``--generate`` asks the questions missing from it
@@ -62,15 +67,16 @@ from proxy import local_model
 from proxy.confidence import selective
 from proxy.confidence.calibration import Calibration, load_calibration
 from proxy.confidence.recalibration import Recalibration, RecalibrationRule, refit
-from proxy.evaluation import datasets, runner
+from proxy.evaluation import claims, datasets, runner
 from proxy.evaluation.commands import DEFAULT_CACHE
 from proxy.evaluation.grading import MatchGrader
-from proxy.evaluation.prompts import get_template
+from proxy.evaluation.prompts import Template, get_template
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "policies" / "calibration" / "gemma-3-270m.json"
 ANSWERS = ROOT / "benchmarks" / "results" / "answers.jsonl"
 SENTENCES = ROOT / "benchmarks" / "results" / "sentences" / "answers.jsonl"
+SENTENCE_CALIBRATION = ROOT / "policies" / "calibration" / "gemma-3-270m-sentence.json"
 RESULTS = ROOT / "benchmarks" / "results"
 MODEL = local_model.MODEL_ALIAS
 FEEDBACK = 200
@@ -89,6 +95,48 @@ class Labelled:
     correct: np.ndarray
     #: synthetic sets: the true P(correct); each shuffle draws its own labels from it
     truth: np.ndarray | None = None
+
+
+#: The other wording's shots: the shipped sentence prompt's entities (which the
+#: multi-fact sets leave out), each fact in a sentence that names the entity.
+REWORDED_SENTENCE_SHOTS = (
+    (
+        "Tell me about Japan: its capital, its currency and its continent.",
+        "The capital of Japan is Tokyo. Japan uses the Japanese yen. Japan lies in Asia.",
+    ),
+    (
+        "Tell me about Hydrogen: its chemical symbol, its atomic number and who discovered it.",
+        "The symbol of Hydrogen is H. Hydrogen has atomic number 1. Henry Cavendish "
+        "discovered Hydrogen.",
+    ),
+    (
+        "Tell me about Peru: its capital, its currency and its continent.",
+        "The capital of Peru is Lima. Peru uses the Peruvian sol. Peru lies in South America.",
+    ),
+    (
+        "Tell me about Oxygen: its chemical symbol, its atomic number and who discovered it.",
+        "The symbol of Oxygen is O. Oxygen has atomic number 8. Carl Wilhelm Scheele "
+        "discovered Oxygen.",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class RewordedSentences(Template):
+    """Another few-shot wording of the multi-fact questions, for base models."""
+
+    def prompt(self, question: str) -> str:
+        shots = "".join(f"Question: {q}\nAnswer: {a}\n\n" for q, a in self.shots)
+        return f"Answer with one short sentence per fact.\n\n{shots}Question: {question}\nAnswer:"
+
+
+SENTENCES_REWORDED = RewordedSentences(
+    "sentences-reworded",
+    "completions",
+    "instruction + the sentence shots reworded, Question:/Answer:",
+    shots=REWORDED_SENTENCE_SHOTS,
+    max_tokens=64,
+)
 
 
 def _cache_path(dataset: str, template: str) -> Path:
@@ -127,6 +175,36 @@ def _real(
             base.append(p)
             correct.append(1.0 if grader(g.text, gold[g.id]) else 0.0)
     return np.array(base), np.array(correct), len(questions)
+
+
+def _real_sentences(
+    dataset: str, template: Template, url: str | None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(shipped sentence P, correct, sentences) of the answers cached (or generated)."""
+    cal = load_calibration(SENTENCE_CALIBRATION)
+    questions = datasets.load_questions(datasets.resolve(dataset))
+    cache = runner.GenerationCache(_cache_path(dataset, template.name))
+    if url is not None:
+        gens = asyncio.run(
+            runner.ask_all(questions, template, base_url=url, model=MODEL, cache=cache,
+                           label=f"{dataset} ({template.name})")
+        )  # fmt: skip
+    else:
+        gens = []
+        for q in questions:
+            hit = cache.get(
+                runner.request_key("direct", template.path, template.body(q.question, MODEL))
+            )
+            if hit is not None:
+                gens.append(runner.Generation(**{**hit.to_dict(), "id": q.id}))
+    labels, _ = claims.label_all(questions, gens, MatchGrader(), template, MODEL)
+    base, correct = [], []
+    for lab in labels:
+        p = cal(lab.scores)
+        if p is not None:
+            base.append(p)
+            correct.append(1.0 if lab.correct else 0.0)
+    return np.array(base), np.array(correct), len(labels)
 
 
 def _answers_file(cal: Calibration) -> tuple[np.ndarray, np.ndarray]:
@@ -309,6 +387,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"skipped {name}: {base.size} of {asked} answers cached "
                       f"(run with --generate)", file=sys.stderr)  # fmt: skip
                 continue
+            sets.append(Labelled(name, "real", base, correct))
+        name = "facts-multi-test sentences, another wording"
+        base, correct, labelled = _real_sentences("facts-multi-test", SENTENCES_REWORDED, url)
+        if base.size < args.min_answers:
+            print(f"skipped {name}: {base.size} sentences with a P(correct) of {labelled} "
+                  f"(run with --generate)", file=sys.stderr)  # fmt: skip
+        else:
             sets.append(Labelled(name, "real", base, correct))
 
     if args.generate:
