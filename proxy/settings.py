@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     max_connections: int | None = Field(1000, ge=1)
     #: how often the policy file is checked for changes; 0 turns polling off (SIGHUP still works)
     reload_interval_seconds: float = Field(1.0, ge=0)
-    #: bytes of one upstream answer (decompressed) the proxy holds at most; past it, 502
+    #: bytes of one upstream answer (decompressed, streamed or not) the proxy holds at
+    #: most; past it, 502 (or an error event once a stream is under way)
     #: (measured: 16 answers at the cap at once held ~16 × cap of RSS after; size to that)
     max_upstream_response_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     #: bytes of one line (SSE event) of a streamed upstream answer; past it, 502

@@ -47,7 +47,8 @@ class ResponseCaps:
     refused as it expands, not after.
     """
 
-    #: bytes of one non-streamed answer
+    #: bytes of one answer, non-streamed or streamed: every mode but passthrough holds a
+    #: streamed answer's text and tokens until its verdict, so a stream is capped too
     max_response_bytes: int = 8 * 1024 * 1024
     #: bytes of one line of a streamed answer (one SSE event)
     max_line_bytes: int = 1024 * 1024

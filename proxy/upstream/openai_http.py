@@ -179,7 +179,7 @@ class OpenAIHTTPUpstream:
                 raw = self._redact.bytes(await self._read_capped(response))
                 raise _status_error(response.status_code, raw, response.headers)
             _check_event_stream(response)
-            lines = _lines(response, deadline, self._caps.max_line_bytes, self._read_timeout)
+            lines = _lines(response, deadline, self._caps, self._read_timeout)
             async for line in lines:
                 if not line.startswith("data:"):
                     continue  # comments, event names, blank separators
@@ -197,9 +197,10 @@ class OpenAIHTTPUpstream:
 
 
 async def _lines(
-    response: httpx.Response, deadline: float, limit: int, read_timeout: float
+    response: httpx.Response, deadline: float, caps: ResponseCaps, read_timeout: float
 ) -> AsyncIterator[str]:
-    """The stream's lines, each read within the deadline and at most ``limit`` bytes.
+    """The stream's lines, each read within the deadline and at most ``max_line_bytes``,
+    all of them together at most ``max_response_bytes``.
 
     The deadline is checked after every read, so bytes that keep trickling cannot outlive
     it; a read that stalls is cut by httpx's read timeout, or, once the deadline is
@@ -208,6 +209,7 @@ async def _lines(
     """
     chunks = response.aiter_bytes().__aiter__()
     pending = b""
+    limit, total = caps.max_line_bytes, 0
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -222,6 +224,12 @@ async def _lines(
             break
         except TimeoutError:
             raise UpstreamTimeout() from None
+        total += len(data)
+        if total > caps.max_response_bytes:
+            raise UpstreamError(
+                f"The upstream stream exceeds the limit of {caps.max_response_bytes} bytes.",
+                kind="too_large",
+            )
         pending += data
         *complete, pending = pending.split(b"\n")
         for line in complete:

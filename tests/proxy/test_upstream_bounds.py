@@ -118,6 +118,31 @@ def test_a_stream_line_over_the_cap_ends_with_an_error(
     assert "over the limit" in error_event(r)["message"]
 
 
+@pytest.mark.parametrize("model", ["relay", "whole"])
+def test_a_stream_over_the_total_cap_ends_with_an_error(
+    client: TestClient, upstream: Scripted, model: str
+) -> None:
+    """Many small lines add up, and the proxy holds a streamed answer's text for its
+    verdict even in passthrough."""
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(200):  # 200 events of ~1 KB: 200 KB, over the 64 KiB cap
+            chunk = {"id": "c", "choices": [{"index": 0, "delta": {"content": "Paris " * 150}}]}
+            yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    upstream.answer = lambda _: httpx.Response(
+        200, content=body(), headers={"content-type": "text/event-stream"}
+    )
+    r = ask(client, model, stream=True)
+    if model == "relay":  # passthrough: the answer was streaming, so an error event
+        assert r.status_code == 200
+        assert "stream exceeds the limit of 65536 bytes" in error_event(r)["message"]
+    else:  # buffer asks for the whole answer: nothing was sent yet, the status says it
+        assert r.status_code == 502
+        assert "exceeds the limit of 65536 bytes" in r.json()["error"]["message"]
+
+
 def test_the_total_deadline_holds_when_bytes_keep_trickling(
     client: TestClient, upstream: Scripted
 ) -> None:
