@@ -143,11 +143,7 @@ class SentenceChoice:
         region = self._region()
         if region is None:
             return
-        new = [
-            Segment(s.start + region, s.end + region, s.kind)
-            for s in complete(self.text[region:])
-            if s.start + region >= self.cursor
-        ]
+        new = [s for s in complete(self.text, region) if s.start >= self.cursor]
         if not new or len(new) == self.unaligned_at:
             return
         scores, scored = None, tokens()
@@ -168,13 +164,15 @@ class SentenceChoice:
                 return
 
     def _region(self) -> int | None:
-        """Where to split again from: the start of the line of the first undecided
-        segment (splitting is line by line, so from there it cuts as the whole text)."""
+        """Where to split again from: the end of the last decided sentence (a cut the
+        splitter made, from which it cuts as in the whole text), or the next line's start.
+        Never further back: splitting the whole line again at every sentence made a
+        stream quadratic in its longest paragraph."""
         if not self.segments:
             return 0
         last = self.segments[-1]
         if last.kind == "sentence":
-            return self.text.rfind("\n", 0, last.start) + 1
+            return last.end
         # A list line or a code block ends its line: the next segment is on a later one.
         eol = self.text.find("\n", last.end)
         return None if eol < 0 else eol + 1

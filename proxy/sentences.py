@@ -81,6 +81,8 @@ _END = re.compile(
     r"|[。！？]+[」』）]*(?=[^\s。！？」』）])"
 )
 _WORD_BEFORE = re.compile(r"(\S+)$")
+#: How far back the word before a dot is looked for: longer than any abbreviation.
+_LOOK_BACK = 32
 _NEXT_WORD = re.compile(r"\s+(\w+)")
 #: Words that open sentences and are never a surname, so a capital letter and a dot
 #: before one of them is the end of a sentence rather than an initial.
@@ -96,7 +98,10 @@ _OPENERS = frozenset(
 def _ends_sentence(text: str, match: re.Match[str]) -> bool:
     """Whether a candidate end really ends the sentence (not "Dr." nor "J.")."""
     if match.group().startswith(".") and len(match.group().rstrip("\"'”’)]")) == 1:
-        before = _WORD_BEFORE.search(text, 0, match.start())
+        # A bounded look back: searching from 0 made splitting quadratic in the text (10k
+        # sentences took 10 s). A word longer than the window is no abbreviation nor an
+        # initial, and its last _LOOK_BACK characters say so as well as the whole word.
+        before = _WORD_BEFORE.search(text, max(0, match.start() - _LOOK_BACK), match.start())
         word = before.group(1).lstrip("\"'“‘([") if before else ""
         if word.lower() in ABBREVIATIONS:
             return False
@@ -138,11 +143,23 @@ def _prose(text: str, start: int, end: int, out: list[Segment]) -> None:
         out.append(Segment(s, e, "sentence"))
 
 
-def split(text: str) -> list[Segment]:
-    """Every segment of ``text``, in order."""
+def split(text: str, start: int = 0) -> list[Segment]:
+    """Every segment of ``text``, in order; from ``start`` on, when given.
+
+    ``start`` is the start of a line, or the end of a sentence inside a prose line (a
+    cut this function made): the segments are then exactly those :func:`split` finds
+    after it in the whole text, without cutting again what comes before, so a stream
+    can split only what is new.
+    """
     out: list[Segment] = []
-    pos = 0
+    pos = start
     n = len(text)
+    if 0 < pos < n and text[pos - 1] != "\n":
+        # Inside a prose line: the rest of it is prose, cut as the whole line would be.
+        eol = text.find("\n", pos)
+        line_end = n if eol < 0 else eol
+        _prose(text, pos, line_end, out)
+        pos = line_end + 1
     while pos < n:
         eol = text.find("\n", pos)
         line_end = n if eol < 0 else eol
@@ -179,14 +196,15 @@ def marker_length(text: str, start: int, end: int) -> int:
     return match.end() - start if match else 0
 
 
-def complete(text: str) -> list[Segment]:
-    """The segments of a text still being written that no later text can change.
+def complete(text: str, start: int = 0) -> list[Segment]:
+    """The segments of a text still being written that no later text can change (from
+    ``start`` on, as :func:`split` takes it).
 
     All segments but the last: the last may go on (a sentence without its end yet, or an
     end whose next sentence has not begun), unless a line break closed it. At the end of
     the stream, use :func:`split`.
     """
-    segments = split(text)
+    segments = split(text, start)
     if segments and text.endswith("\n") and not _open_code(text, segments[-1]):
         return segments
     return segments[:-1]

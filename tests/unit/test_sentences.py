@@ -126,3 +126,16 @@ def test_segments_are_ordered_disjoint_and_cover_every_non_space(text: str) -> N
         covered.update(range(s.start, s.end))
         last = s.end
     assert {i for i, c in enumerate(text) if not c.isspace()} <= covered
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_ALPHABET, max_size=40).map("".join))
+def test_splitting_on_from_a_sentence_end_cuts_as_the_whole_text(text: str) -> None:
+    """A stream splits only what follows its last decided sentence; that must give what
+    splitting everything again would (the property that keeps a stream linear)."""
+    whole = split(text)
+    for end in {s.end for s in whole if s.kind == "sentence"} | {0}:
+        assert split(text, end) == [s for s in whole if s.start >= end], (text, end)
+        for cut in range(end, len(text) + 1):
+            after = [s for s in complete(text[:cut]) if s.start >= end]
+            assert complete(text[:cut], end) == after, (text, end, cut)
