@@ -200,12 +200,20 @@ class StreamEvidence:
         return "".join(self._texts.get(index, []))
 
     def tokens(self, index: int) -> Tokens | None:
-        """The scored tokens streamed so far for one choice (``keep_tokens``)."""
+        """The scored tokens streamed so far for one choice (``keep_tokens``): a copy."""
+        live = self.live_tokens(index)
+        if live is None:
+            return None
+        return Tokens(list(live.texts), list(live.lps), list(live.tops))
+
+    def live_tokens(self, index: int) -> Tokens | None:
+        """The same, over the lists the stream keeps appending to: read them at once and
+        never keep them (a copy per sentence of a long answer made it quadratic)."""
         texts = self._token_texts.get(index)
         lps, tops = self._lps.get(index, []), self._tops.get(index, [])
         if texts is None or len(texts) != len(lps):
             return None
-        return Tokens(list(texts), list(lps), list(tops) if len(tops) == len(lps) else [])
+        return Tokens(texts, lps, tops if len(tops) == len(lps) else [])
 
     def _track_empty_tail(self, index: int, content: Any) -> None:
         if not isinstance(content, list):

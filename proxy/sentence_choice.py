@@ -13,13 +13,14 @@ No web framework: it reads the wire format through :mod:`proxy.protocol`.
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.confidence.logprobs import scores_from_tokens
 from proxy.confidence.recalibration import Recalibration
-from proxy.confidence.spans import segment_scores, token_offsets
+from proxy.confidence.spans import Alignment, segment_scores, token_offsets
 from proxy.evidence import ChoiceEvidence, Tokens
 from proxy.judge import judge_sentences, summarize
 from proxy.policy.rules import Rule
@@ -35,6 +36,11 @@ _SHOWN = ("answer", "hedge", "annotate")
 #: What every complete segment ends with, or is followed by: a sentence's end or a line
 #: break. Until one follows the last decided segment, there is nothing new to split.
 _MAYBE_END = re.compile(r"[.!?…。！？\n]")
+#: Undecided text past which a choice stops judging as it streams and holds the rest
+#: for the final verdict. Each chunk looks at the undecided text again, so an upstream
+#: that never ends a sentence ("a.a.a…" for megabytes) would cost quadratic time; a
+#: real sentence or code block is far shorter.
+OPEN_MAX = 16_384
 
 
 @dataclass(slots=True)
@@ -81,6 +87,10 @@ class SentenceChoice:
     run_client: int = 0
     offsets: list[int] | None = None
     offsets_for: tuple[int, int] = (-1, -1)
+    #: where each scored token starts in ``text``, placed once each
+    alignment: Alignment = field(default_factory=Alignment)
+    #: more than OPEN_MAX undecided characters: nothing more is judged until the end
+    held_to_end: bool = False
     no_logprobs: bool = False
 
     # ---------------------------------------------------------------- reading chunks
@@ -138,7 +148,12 @@ class SentenceChoice:
         """Judge and place the segments completed since the last call (``tokens``: the
         scored tokens so far, read only when there is something to judge)."""
         rule = self.rule
-        if self.stop_at is not None or _MAYBE_END.search(self.text, self.cursor) is None:
+        if self.stop_at is not None or self.held_to_end:
+            return
+        if len(self.text) - self.cursor > OPEN_MAX:
+            self.held_to_end = True  # the final verdict decides the rest, in one pass
+            return
+        if _MAYBE_END.search(self.text, self.cursor) is None:
             return  # the cheap test first: most chunks complete nothing
         region = self._region()
         if region is None:
@@ -148,7 +163,7 @@ class SentenceChoice:
             return
         scores, scored = None, tokens()
         if scored is not None:
-            scores = segment_scores(new, self.text, scored.texts, scored.lps, scored.tops)
+            scores = self._scores(new, scored)
         if scores is None:
             # The tokens do not spell the text (so far): hold, and try again with more.
             self.unaligned_at = len(new)
@@ -162,6 +177,19 @@ class SentenceChoice:
             if rule.stop_on_withheld and part.decision == "abstain":
                 self.stop_at = segment.end
                 return
+
+    def _scores(self, new: list[Segment], scored: Tokens) -> list[dict[str, float]] | None:
+        """The new segments' scores, from the tokens from just before the first on: the
+        tokens are placed in the text once each (:class:`Alignment`)."""
+        offsets = self.alignment.extend(scored.texts, self.text)
+        if offsets is None:
+            return None
+        # One token back: a token with leading spaces starts before its segment does.
+        first = max(0, bisect_left(offsets, new[0].start) - 1)
+        tops = scored.tops[first:] if scored.tops else []
+        return segment_scores(
+            new, self.text, scored.texts[first:], scored.lps[first:], tops, offsets=offsets[first:]
+        )
 
     def _region(self) -> int | None:
         """Where to split again from: the end of the last decided sentence (a cut the

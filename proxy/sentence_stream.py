@@ -202,7 +202,7 @@ class _SentenceStream:
             if state.read(choice) and state not in grown:
                 grown.append(state)
         for state in grown:
-            state.advance(partial(self.evidence.tokens, state.index))
+            state.advance(partial(self.evidence.live_tokens, state.index))
             out += self._content(state)
         return out
 

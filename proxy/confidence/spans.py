@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_right
 from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 
 from proxy.confidence.logprobs import scores_from_tokens
 from proxy.confidence.shift_scores import FUNCTION_WORDS
@@ -49,22 +50,40 @@ def token_offsets(tokens: Sequence[str], text: str) -> list[int] | None:
     few characters ahead. When fewer than nine tokens in ten match, the alignment is
     refused rather than guessed: a sentence must not be judged on another's tokens.
     """
-    offsets: list[int] = []
-    pos = matched = 0
-    for token in tokens:
-        if token and text.startswith(token, pos):
-            matched += 1
-        elif token:
-            found = text.find(token, pos, pos + _RESYNC_WINDOW + len(token))
-            if found >= 0:
-                pos = found
-                matched += 1
-        offsets.append(pos)
-        pos = min(len(text), pos + len(token))
-    nonempty = sum(1 for t in tokens if t)
-    if nonempty and matched < 0.9 * nonempty:
-        return None
-    return offsets
+    return Alignment().extend(tokens, text)
+
+
+@dataclass(slots=True)
+class Alignment:
+    """:func:`token_offsets` for a text that grows at its end (a stream), each token
+    placed once: placing every token again at every sentence made a long stream
+    quadratic."""
+
+    offsets: list[int] = field(default_factory=list)
+    pos: int = 0
+    matched: int = 0
+    nonempty: int = 0
+
+    def extend(self, tokens: Sequence[str], text: str) -> list[int] | None:
+        """Place the tokens not placed yet (``tokens``: all of them so far, ``text``: the
+        text so far); every offset, or None while fewer than nine in ten matched."""
+        pos, matched, nonempty = self.pos, self.matched, self.nonempty
+        for token in tokens[len(self.offsets) :]:
+            if token:
+                nonempty += 1
+                if text.startswith(token, pos):
+                    matched += 1
+                else:
+                    found = text.find(token, pos, pos + _RESYNC_WINDOW + len(token))
+                    if found >= 0:
+                        pos = found
+                        matched += 1
+            self.offsets.append(pos)
+            pos = min(len(text), pos + len(token))
+        self.pos, self.matched, self.nonempty = pos, matched, nonempty
+        if nonempty and matched < 0.9 * nonempty:
+            return None
+        return self.offsets
 
 
 def _given(token: str, start: int, text: str, context: Collection[str]) -> bool:
@@ -91,6 +110,7 @@ def segment_scores(
     lps: Sequence[float],
     tops: Sequence[Sequence[float]],
     context: Collection[str] | None = None,
+    offsets: Sequence[int] | None = None,
 ) -> list[dict[str, float]] | None:
     """The logprob scores of each segment (empty for a segment no token falls in), or
     None when the tokens cannot be placed in the text (:func:`token_offsets`).
@@ -100,9 +120,11 @@ def segment_scores(
     space between segments, or past the text, belong to none. ``tops`` is used only when
     every token has its top-k list (otherwise which list is whose is unknown).
     ``context``: score only the tokens not given by these words (see above); None, as
-    the proxy does: every token.
+    the proxy does: every token. ``offsets``: the tokens' offsets when already placed
+    (an :class:`Alignment`); the tokens may then be any run of the answer's tokens.
     """
-    offsets = token_offsets(tokens, text)
+    if offsets is None:
+        offsets = token_offsets(tokens, text)
     if offsets is None or len(offsets) != len(lps):
         return None
     starts = [s.start for s in segments]

@@ -205,6 +205,23 @@ def test_a_withheld_first_sentence_is_held_until_one_is_kept(client: TestClient)
     assert pieces(evs) == [f"{MARKER} Paris is big.", f" {MARKER}"]
 
 
+def test_a_sentence_past_the_open_limit_is_held_for_the_final_verdict(
+    client: TestClient,
+) -> None:
+    """An upstream that never ends a sentence cannot make every chunk re-read all of it:
+    past OPEN_MAX undecided characters the choice holds the rest for the end."""
+    from proxy.sentence_choice import OPEN_MAX
+
+    endless = [("a." * 64, SURE)] * (OPEN_MAX // 128 + 2)  # dots, never a space after one
+    tokens = [*endless, (" It", SURE), (" is", SURE), (" here", SURE), (".", SURE)]
+    _, evs = post(client, tokens)
+    # Judged as streamed, " It" would have closed the first sentence and sent it alone.
+    assert pieces(evs) == ["".join(t for t, _ in tokens)]
+    verdict = verdict_of(evs)
+    assert [p["decision"] for p in verdict["sentences"]] == ["answer", "answer"]
+    assert verdict == not_streamed(client, tokens)["abstention"]
+
+
 def test_nothing_kept_is_the_tenants_abstention(client: TestClient) -> None:
     tokens = [("Two", UNSURE), (".", SURE), (" Three", UNSURE), (".", SURE), ("\n", SURE),
               ("Four", UNSURE), (".", SURE)]  # fmt: skip

@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from proxy.confidence.spans import context_words, segment_scores, token_offsets
+from proxy.confidence.spans import Alignment, context_words, segment_scores, token_offsets
 from proxy.evidence import CallEvidence, ChoiceEvidence, Tokens, from_response
 from proxy.judge import judge_call
 from proxy.policy.loading import parse_policy
@@ -195,3 +197,13 @@ def test_responses_keep_token_texts_in_both_wire_shapes() -> None:
     got = from_response("completions", completions, json_mode=False, keep_tokens=True).choices[0]
     assert got.tokens is not None and got.tokens.texts == ["A", "."] and len(got.tokens.tops) == 2
     assert from_response("chat", chat, json_mode=False).choices[0].tokens is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["Pa", "ris", " is", ".", " It", "", " 3", "7", "é", "\n"])))
+def test_a_streams_alignment_placed_token_by_token_is_the_whole_texts(tokens: list[str]) -> None:
+    alignment, text = Alignment(), ""
+    for i, token in enumerate(tokens):
+        text += token
+        got = alignment.extend(tokens[: i + 1], text)
+        assert got == token_offsets(tokens[: i + 1], text)
