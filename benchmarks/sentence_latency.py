@@ -29,6 +29,7 @@ import json
 import math
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import timeit
@@ -36,6 +37,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+if __package__ in (None, ""):
+    # Run as a script (python benchmarks/sentence_latency.py): the sibling benchmarks are
+    # imported as the ``benchmarks`` package, from the repository root.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.local_model_speed import serve
 from proxy import local_model
