@@ -181,18 +181,18 @@ models: {{m: {{upstream: u, granularity: sentence, calibration: "{CALIBRATION}"}
 
     def stream_path() -> None:
         evidence = StreamEvidence("completions", keep_tokens=True)
-        choice = SentenceChoice(0, "completions", keep_entries=False)
+        choice = SentenceChoice(0, "completions", keep_entries=False, rule=rule)
         for chunk in chunks:
             evidence.add(chunk)
             if choice.read(chunk):
-                choice.advance(lambda: evidence.tokens(0), rule)
+                choice.advance(lambda: evidence.live_tokens(0))
                 choice.take()
         final = evidence.evidence(json_mode=False)
         final.already_sent = False
         verdict = judge_call(final, rule)[0]  # what the pipeline judges at the end
         tail = final.choices[0].tokens
-        choice.settle(verdict, tail, rule)
-        choice.finish(verdict, rule)
+        choice.settle(verdict, tail)
+        choice.finish(verdict)
         choice.take()
 
     def best(fn: Any) -> float:

@@ -32,3 +32,11 @@ def test_every_benchmark_script_starts() -> None:
         if proc.returncode != 0 or b"usage" not in out.lower():
             failed[name] = err.decode(errors="replace")[-300:]
     assert not failed, failed
+
+
+def test_the_sentence_hot_path_benchmark_runs_against_the_current_code() -> None:
+    """Its micro part drives the proxy's sentence classes directly: it must follow them."""
+    from benchmarks.sentence_latency import micro
+
+    rows = micro(1)
+    assert len(rows) == 2 and all(value.endswith("µs/answer") for _, value in rows)
