@@ -89,8 +89,10 @@ class SentenceChoice:
     offsets_for: tuple[int, int] = (-1, -1)
     #: where each scored token starts in ``text``, placed once each
     alignment: Alignment = field(default_factory=Alignment)
-    #: more than OPEN_MAX undecided characters: nothing more is judged until the end
+    #: more than OPEN_MAX undecided characters: nothing more is judged until the end,
+    #: and the text that comes meanwhile is kept in pieces (``tail``) until then
     held_to_end: bool = False
+    tail: list[str] = field(default_factory=list)
     no_logprobs: bool = False
 
     # ---------------------------------------------------------------- reading chunks
@@ -109,7 +111,10 @@ class SentenceChoice:
             piece = (choice.get("delta") or {}).get("content")
         if self.stop_at is not None or not isinstance(piece, str) or not piece:
             return False
-        self.text += piece
+        if self.held_to_end:
+            self.tail.append(piece)  # joined once, at the end: no copy of all per chunk
+        else:
+            self.text += piece
         return True
 
     def _count(self, logprobs: dict[str, Any]) -> None:
@@ -358,6 +363,11 @@ class SentenceChoice:
         scores = scores_from_tokens(kept.lps, kept.tops)
         return ChoiceEvidence(evidence.index, self.text, scores, evidence.tool_call, tokens=kept)
 
+    def _join_tail(self) -> None:
+        if self.tail:
+            self.text += "".join(self.tail)
+            self.tail.clear()
+
     def settle(self, verdict: Verdict, tokens: Tokens | None) -> None:
         """Make the judge's verdict on the whole answer describe what was sent (in place).
 
@@ -367,6 +377,7 @@ class SentenceChoice:
         verdict stands and the answer is placed anew from it; if something was sent, the
         verdict is rebuilt from the decisions the client got.
         """
+        self._join_tail()
         decided = len(self.parts)
         if not decided:
             return
@@ -407,6 +418,7 @@ class SentenceChoice:
 
     def finish(self, verdict: Verdict) -> None:
         """Place the rest of the answer under the final verdict."""
+        self._join_tail()
         text = self.text
         if verdict.sentences is None:
             # Judged whole (code only, a tool call, tokens that cannot be aligned): nothing
