@@ -24,8 +24,9 @@ from proxy.confidence.spans import Alignment, segment_scores, token_offsets
 from proxy.evidence import ChoiceEvidence, Tokens
 from proxy.judge import judge_sentences, summarize
 from proxy.policy.rules import Rule
-from proxy.protocol import Kind, choice_text, trim_top_logprobs
+from proxy.protocol import Kind, choice_text
 from proxy.rewrite import apply_verdict, sentence_text
+from proxy.sentence_logprobs import VerbatimLogprobs
 from proxy.sentences import Segment, complete, split
 from proxy.verdict import SentenceVerdict, Verdict
 
@@ -56,12 +57,8 @@ class SentenceChoice:
     recalibration: Recalibration | None = None
     text: str = ""
     finish_reason: str | None = None
-    #: logprob entries received (every token the upstream generated for this choice)
-    generated: int = 0
-    #: the wire entry of each scored token (aligned with the evidence's tokens): a chat
-    #: entry dict, or (token, logprob, top, text_offset) of the completions shape
-    entries: list[Any] = field(default_factory=list)
-    chat_shape: bool = True
+    #: the wire logprob entries, and which of them the client may get
+    lp: VerbatimLogprobs = field(init=False)
     #: decided parts, in order: their segments (offsets in ``text``) and verdicts (offsets
     #: in the client's text once placed)
     segments: list[Segment] = field(default_factory=list)
@@ -81,19 +78,20 @@ class SentenceChoice:
     out: list[str] = field(default_factory=list)
     out_entries: list[Any] = field(default_factory=list)
     role_sent: bool = False
-    # Which tokens may go out: those inside a run of text sent verbatim.
-    next_token: int = 0
-    run_start: int | None = None
-    run_client: int = 0
-    offsets: list[int] | None = None
-    offsets_for: tuple[int, int] = (-1, -1)
     #: where each scored token starts in ``text``, placed once each
     alignment: Alignment = field(default_factory=Alignment)
     #: more than OPEN_MAX undecided characters: nothing more is judged until the end,
     #: and the text that comes meanwhile is kept in pieces (``tail``) until then
     held_to_end: bool = False
     tail: list[str] = field(default_factory=list)
-    no_logprobs: bool = False
+
+    def __post_init__(self) -> None:
+        self.lp = VerbatimLogprobs(self.keep_entries)
+
+    @property
+    def generated(self) -> int:
+        """Logprob entries received: every token the upstream generated for this choice."""
+        return self.lp.generated
 
     # ---------------------------------------------------------------- reading chunks
 
@@ -101,7 +99,7 @@ class SentenceChoice:
         """Take one upstream choice delta; whether it added text."""
         logprobs = choice.get("logprobs")
         if isinstance(logprobs, dict):
-            self._count(logprobs)
+            self.lp.add(logprobs)
         reason = choice.get("finish_reason")
         if isinstance(reason, str):
             self.finish_reason = reason
@@ -121,28 +119,6 @@ class SentenceChoice:
             text += piece
             self.text = text
         return True
-
-    def _count(self, logprobs: dict[str, Any]) -> None:
-        content = logprobs.get("content")
-        if isinstance(content, list):
-            self.generated += len(content)
-            if self.keep_entries:
-                self.entries += [e for e in content if e.get("logprob") is not None]
-            return
-        tokens = logprobs.get("tokens")
-        if not isinstance(tokens, list):
-            return
-        self.generated += len(tokens)
-        if self.keep_entries:
-            self.chat_shape = False
-            lps = logprobs.get("token_logprobs") or []
-            tops = logprobs.get("top_logprobs") or []
-            at = logprobs.get("text_offset") or []
-            for i, token in enumerate(tokens):
-                lp = lps[i] if i < len(lps) else None
-                if lp is not None:
-                    top = tops[i] if i < len(tops) else None
-                    self.entries.append((token, lp, top, at[i] if i < len(at) else None))
 
     def others(self, choice: dict[str, Any]) -> dict[str, Any] | None:
         """The chat delta's fields other than the text (tool calls, …), to relay as is."""
@@ -236,13 +212,13 @@ class SentenceChoice:
             assert previous is not None
             # Shares the replacement of the withheld sentence before it (and drops the gap).
             part.start, part.end = previous.start, previous.end
-            self._withheld_tokens(end)
+            self.lp.withheld(self.text, end)
             return
-        entries = self._verbatim(gap_start, start, self.length)
+        entries = self.lp.verbatim(self.text, gap_start, start, self.length)
         if part.decision in _AS_IS:
-            entries += self._verbatim(start, end, self.length + len(gap))
+            entries += self.lp.verbatim(self.text, start, end, self.length + len(gap))
         else:
-            self._withheld_tokens(end)
+            self.lp.withheld(self.text, end)
         part.start = self.length + len(gap)
         part.end = part.start + len(new)
         self.previous = part
@@ -269,82 +245,9 @@ class SentenceChoice:
         self.out, self.out_entries = [], []
         return text, entries
 
-    # ----------------------------------------------------------------- logprobs
-
-    def _token_offsets(self) -> list[int] | None:
-        if self.no_logprobs or not self.keep_entries:
-            return None
-        key = (len(self.text), len(self.entries))
-        if key != self.offsets_for:
-            texts = [e.get("token") if isinstance(e, dict) else e[0] for e in self.entries]
-            strings = [t for t in texts if isinstance(t, str)]
-            ok = len(strings) == len(texts)
-            self.offsets = token_offsets(strings, self.text) if ok else None
-            self.offsets_for = key
-            if self.offsets is None:
-                # The tokens cannot be placed in the text: which are safe is unknown.
-                self.no_logprobs = True
-        return self.offsets
-
-    def _token_text(self, i: int) -> str:
-        entry = self.entries[i]
-        text = entry.get("token") if isinstance(entry, dict) else entry[0]
-        return text if isinstance(text, str) else ""
-
-    def _verbatim(self, start: int, end: int, client_start: int) -> list[Any]:
-        """``text[start:end]`` goes out as written, at ``client_start`` in the client's text:
-        the tokens now wholly inside the current verbatim run may go out with it."""
-        offsets = self._token_offsets()
-        if offsets is None:
-            return []
-        if self.run_start is None:
-            self.run_start, self.run_client = start, client_start
-        released = []
-        while self.next_token < len(offsets):
-            at = offsets[self.next_token]
-            length = len(self._token_text(self.next_token))
-            if at + length > end:
-                break  # not all of it is out yet
-            if at >= self.run_start:
-                released.append(self._client_entry(self.next_token, at))
-            self.next_token += 1
-        return released
-
-    def _withheld_tokens(self, end: int) -> None:
-        """The text up to ``end`` is not sent as written: its tokens never go out."""
-        offsets = self._token_offsets()
-        self.run_start = None
-        if offsets is None:
-            return
-        while self.next_token < len(offsets) and offsets[self.next_token] < end:
-            self.next_token += 1
-
-    def _client_entry(self, i: int, at: int) -> Any:
-        entry = self.entries[i]
-        if isinstance(entry, dict):
-            return entry
-        assert self.run_start is not None
-        token, lp, top, offset = entry
-        # Where the token is in the client's text, on the upstream's own base.
-        if isinstance(offset, int):
-            offset += self.run_client + (at - self.run_start) - at
-        return (token, lp, top, offset)
-
     def logprobs(self, entries: list[Any], top_k: int | None) -> dict[str, Any]:
         """The client's ``logprobs`` object for ``entries``, in the upstream's shape."""
-        out: dict[str, Any]
-        if self.chat_shape:
-            out = {"content": entries}
-        else:
-            out = {
-                "tokens": [e[0] for e in entries],
-                "token_logprobs": [e[1] for e in entries],
-                "top_logprobs": [e[2] for e in entries],
-                "text_offset": [e[3] for e in entries],
-            }
-        if top_k is not None:
-            trim_top_logprobs(out, top_k)
-        return out
+        return self.lp.wire(entries, top_k)
 
     # --------------------------------------------------------------- the end
 
@@ -417,8 +320,9 @@ class SentenceChoice:
     def _restart(self) -> None:
         """Forget every part placed (nothing of them was sent)."""
         self.segments, self.parts = [], []
-        self.cursor = self.length = self.next_token = 0
-        self.previous, self.run_start = None, None
+        self.cursor = self.length = 0
+        self.previous = None
+        self.lp.restart()
         self.held, self.held_entries = [], []
 
     def finish(self, verdict: Verdict) -> None:
@@ -435,12 +339,12 @@ class SentenceChoice:
                 else {"text": text}
             )
             apply_verdict(self.kind, choice, verdict, self.rule)
-            entries = self._verbatim(0, len(text), 0) if verdict.decision in _AS_IS else []
+            entries = self.lp.verbatim(text, 0, len(text), 0) if verdict.decision in _AS_IS else []
             self._put(choice_text(self.kind, choice) or "", entries, shows=True)
             return
         for part in verdict.sentences[len(self.parts) :]:
             self.place(part)
-        entries = self._verbatim(self.cursor, len(text), self.length)
+        entries = self.lp.verbatim(text, self.cursor, len(text), self.length)
         self._put(text[self.cursor :], entries, shows=False)
         if verdict.decision == "abstain":
             # Nothing was kept (so nothing was sent): the whole answer is the abstention.

@@ -67,8 +67,12 @@ class Alignment:
     def extend(self, tokens: Sequence[str], text: str) -> list[int] | None:
         """Place the tokens not placed yet (``tokens``: all of them so far, ``text``: the
         text so far); every offset, or None while fewer than nine in ten matched."""
+        return self.add(tokens[len(self.offsets) :], text)
+
+    def add(self, new: Sequence[str], text: str) -> list[int] | None:
+        """Place ``new``, the tokens that follow those placed; as :meth:`extend`."""
         pos, matched, nonempty = self.pos, self.matched, self.nonempty
-        for token in tokens[len(self.offsets) :]:
+        for token in new:
             if token:
                 nonempty += 1
                 if text.startswith(token, pos):
