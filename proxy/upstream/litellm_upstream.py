@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import importlib
 import re
+import time
 from collections.abc import AsyncIterator, Mapping
 from types import ModuleType
 from typing import Any
+
+import orjson
 
 from proxy.errors import (
     ProxyError,
@@ -26,7 +29,7 @@ from proxy.policy.schema import UpstreamConfig
 from proxy.protocol import Kind
 from proxy.redaction import Redactor
 from proxy.settings import quiet_litellm
-from proxy.upstream.base import api_key_from_env
+from proxy.upstream.base import DEFAULT_CAPS, ResponseCaps, api_key_from_env
 
 #: The OpenAI request fields a client may pass to litellm; nothing else reaches it.
 #: litellm also reads where, how often and with which key to call from its keyword
@@ -94,8 +97,16 @@ def _as_dict(obj: Any) -> dict[str, Any]:
 class LiteLLMUpstream:
     """Completions through ``litellm.acompletion`` / ``litellm.atext_completion``."""
 
-    def __init__(self, name: str, config: UpstreamConfig, env: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: UpstreamConfig,
+        env: Mapping[str, str],
+        *,
+        caps: ResponseCaps = DEFAULT_CAPS,
+    ) -> None:
         assert config.litellm_model is not None
+        self._caps = caps
         self.name = name
         self.supports_n = config.supports_n
         self._litellm = _load_litellm()
@@ -156,11 +167,25 @@ class LiteLLMUpstream:
         return _as_dict(result)
 
     async def stream(self, kind: Kind, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """The chunks, within the total deadline and ``max_response_bytes`` of chunks (as
+        JSON) together: every mode holds a streamed answer for its verdict. litellm reads
+        the wire itself, so a stall between chunks is cut by its read timeout."""
         call = self._litellm.acompletion if kind == "chat" else self._litellm.atext_completion
+        deadline = time.monotonic() + self._total
+        limit, total = self._caps.max_response_bytes, 0
         try:
             chunks = await call(**self._args(kind, body), stream=True)
             async for chunk in chunks:
-                yield _as_dict(chunk)
+                data = _as_dict(chunk)
+                total += len(orjson.dumps(data, default=str))
+                if total > limit:
+                    raise UpstreamError(
+                        f"The upstream stream exceeds the limit of {limit} bytes.",
+                        kind="too_large",
+                    )
+                if time.monotonic() > deadline:
+                    raise UpstreamTimeout()
+                yield data
         except ProxyError:
             raise
         except Exception as exc:

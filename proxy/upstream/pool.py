@@ -65,7 +65,7 @@ def build_upstreams(
         else:
             from proxy.upstream.litellm_upstream import LiteLLMUpstream
 
-            inner = LiteLLMUpstream(name, config, env)
+            inner = LiteLLMUpstream(name, config, env, caps=caps)
         upstreams[name] = ResilientUpstream(
             inner,
             config,
