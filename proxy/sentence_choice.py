@@ -57,8 +57,8 @@ class SentenceChoice:
     recalibration: Recalibration | None = None
     text: str = ""
     finish_reason: str | None = None
-    #: the wire logprob entries, and which of them the client may get
-    lp: VerbatimLogprobs = field(init=False)
+    #: the upstream's logprob entries, and which of them the client may get
+    wire: VerbatimLogprobs = field(init=False)
     #: decided parts, in order: their segments (offsets in ``text``) and verdicts (offsets
     #: in the client's text once placed)
     segments: list[Segment] = field(default_factory=list)
@@ -86,12 +86,12 @@ class SentenceChoice:
     tail: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.lp = VerbatimLogprobs(self.keep_entries)
+        self.wire = VerbatimLogprobs(self.keep_entries)
 
     @property
     def generated(self) -> int:
         """Logprob entries received: every token the upstream generated for this choice."""
-        return self.lp.generated
+        return self.wire.generated
 
     # ---------------------------------------------------------------- reading chunks
 
@@ -99,7 +99,7 @@ class SentenceChoice:
         """Take one upstream choice delta; whether it added text."""
         logprobs = choice.get("logprobs")
         if isinstance(logprobs, dict):
-            self.lp.add(logprobs)
+            self.wire.add(logprobs)
         reason = choice.get("finish_reason")
         if isinstance(reason, str):
             self.finish_reason = reason
@@ -212,13 +212,13 @@ class SentenceChoice:
             assert previous is not None
             # Shares the replacement of the withheld sentence before it (and drops the gap).
             part.start, part.end = previous.start, previous.end
-            self.lp.withheld(self.text, end)
+            self.wire.withheld(self.text, end)
             return
-        entries = self.lp.verbatim(self.text, gap_start, start, self.length)
+        entries = self.wire.verbatim(self.text, gap_start, start, self.length)
         if part.decision in _AS_IS:
-            entries += self.lp.verbatim(self.text, start, end, self.length + len(gap))
+            entries += self.wire.verbatim(self.text, start, end, self.length + len(gap))
         else:
-            self.lp.withheld(self.text, end)
+            self.wire.withheld(self.text, end)
         part.start = self.length + len(gap)
         part.end = part.start + len(new)
         self.previous = part
@@ -247,7 +247,7 @@ class SentenceChoice:
 
     def logprobs(self, entries: list[Any], top_k: int | None) -> dict[str, Any]:
         """The client's ``logprobs`` object for ``entries``, in the upstream's shape."""
-        return self.lp.wire(entries, top_k)
+        return self.wire.as_logprobs(entries, top_k)
 
     # --------------------------------------------------------------- the end
 
@@ -322,7 +322,7 @@ class SentenceChoice:
         self.segments, self.parts = [], []
         self.cursor = self.length = 0
         self.previous = None
-        self.lp.restart()
+        self.wire.restart()
         self.held, self.held_entries = [], []
 
     def finish(self, verdict: Verdict) -> None:
@@ -339,12 +339,13 @@ class SentenceChoice:
                 else {"text": text}
             )
             apply_verdict(self.kind, choice, verdict, self.rule)
-            entries = self.lp.verbatim(text, 0, len(text), 0) if verdict.decision in _AS_IS else []
+            as_is = verdict.decision in _AS_IS
+            entries = self.wire.verbatim(text, 0, len(text), 0) if as_is else []
             self._put(choice_text(self.kind, choice) or "", entries, shows=True)
             return
         for part in verdict.sentences[len(self.parts) :]:
             self.place(part)
-        entries = self.lp.verbatim(text, self.cursor, len(text), self.length)
+        entries = self.wire.verbatim(text, self.cursor, len(text), self.length)
         self._put(text[self.cursor :], entries, shows=False)
         if verdict.decision == "abstain":
             # Nothing was kept (so nothing was sent): the whole answer is the abstention.

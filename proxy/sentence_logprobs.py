@@ -92,7 +92,7 @@ class VerbatimLogprobs:
         while self.next_token < len(offsets) and offsets[self.next_token] < end:
             self.next_token += 1
 
-    def wire(self, entries: list[Any], top_k: int | None) -> dict[str, Any]:
+    def as_logprobs(self, entries: list[Any], top_k: int | None) -> dict[str, Any]:
         """The client's ``logprobs`` object for ``entries``, in the upstream's shape."""
         out: dict[str, Any]
         if self.chat_shape:
