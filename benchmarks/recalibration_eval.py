@@ -144,26 +144,34 @@ def _cache_path(dataset: str, template: str) -> Path:
     return DEFAULT_CACHE / f"{dataset}{suffix}--{MODEL}.jsonl"
 
 
+def _generations(
+    dataset: str, template: Template, url: str | None
+) -> tuple[list[datasets.Question], list[runner.Generation]]:
+    """The set's questions, and the answers cached for them (every one asked, given a
+    URL of the model: the cache then fills what it lacks)."""
+    path = datasets.resolve(dataset)
+    questions = datasets.load_questions(path)
+    cache = runner.GenerationCache(_cache_path(datasets.dataset_name(path), template.name))
+    if url is not None:
+        gens = asyncio.run(
+            runner.ask_all(questions, template, base_url=url, model=MODEL, cache=cache,
+                           label=f"{dataset} ({template.name})")
+        )  # fmt: skip
+        return questions, gens
+    gens = []
+    for q in questions:
+        key = runner.request_key("direct", template.path, template.body(q.question, MODEL))
+        hit = cache.get(key)
+        if hit is not None:
+            gens.append(runner.Generation(**{**hit.to_dict(), "id": q.id}))
+    return questions, gens
+
+
 def _real(
     dataset: str, template: str, cal: Calibration, url: str | None
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """(base P, correct, questions) for the answers cached (or generated, given a URL)."""
-    path = datasets.resolve(dataset)
-    questions = datasets.load_questions(path)
-    tpl = get_template(template)
-    cache = runner.GenerationCache(_cache_path(datasets.dataset_name(path), template))
-    if url is not None:
-        gens = asyncio.run(
-            runner.ask_all(questions, tpl, base_url=url, model=MODEL, cache=cache,
-                           label=f"{dataset} ({template})")
-        )  # fmt: skip
-    else:
-        gens = []
-        for q in questions:
-            body = tpl.body(q.question, MODEL, max_tokens=16, top_logprobs=5)
-            hit = cache.get(runner.request_key("direct", tpl.path, body))
-            if hit is not None:
-                gens.append(runner.Generation(**{**hit.to_dict(), "id": q.id}))
+    questions, gens = _generations(dataset, get_template(template), url)
     gold = {q.id: q.answers for q in questions}
     grader = MatchGrader()
     base, correct = [], []
@@ -182,21 +190,7 @@ def _real_sentences(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """(shipped sentence P, correct, sentences) of the answers cached (or generated)."""
     cal = load_calibration(SENTENCE_CALIBRATION)
-    questions = datasets.load_questions(datasets.resolve(dataset))
-    cache = runner.GenerationCache(_cache_path(dataset, template.name))
-    if url is not None:
-        gens = asyncio.run(
-            runner.ask_all(questions, template, base_url=url, model=MODEL, cache=cache,
-                           label=f"{dataset} ({template.name})")
-        )  # fmt: skip
-    else:
-        gens = []
-        for q in questions:
-            hit = cache.get(
-                runner.request_key("direct", template.path, template.body(q.question, MODEL))
-            )
-            if hit is not None:
-                gens.append(runner.Generation(**{**hit.to_dict(), "id": q.id}))
+    questions, gens = _generations(dataset, template, url)
     labels, _ = claims.label_all(questions, gens, MatchGrader(), template, MODEL)
     base, correct = [], []
     for lab in labels:

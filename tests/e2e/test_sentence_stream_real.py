@@ -14,21 +14,12 @@ import httpx
 import openai
 import pytest
 
+from benchmarks.sentence_latency import PROMPT  # answers of three sentences, one fact each
 from proxy import local_model
 from tests.e2e.procs import ROOT, proxy
 
 pytestmark = [pytest.mark.e2e, pytest.mark.real_model]
 
-#: A few-shot prompt whose answers are three sentences, one fact each.
-FEW_SHOT = (
-    "Q: Tell me about Italy.\n"
-    "A: Italy is a country in Europe. Its capital is Rome. Its currency is the euro.\n"
-    "Q: Tell me about Japan.\n"
-    "A: Japan is a country in Asia. Its capital is Tokyo. Its currency is the yen.\n"
-    "Q: Tell me about Egypt.\n"
-    "A: Egypt is a country in Africa. Its capital is Cairo. Its currency is the Egyptian pound.\n"
-)
-PROMPT = FEW_SHOT + "Q: Tell me about France.\nA:"
 MARKER = "(not sure about this part)"
 
 

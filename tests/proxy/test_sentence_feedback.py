@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from starlette.testclient import TestClient
 from proxy.cli import main
 from proxy.confidence.calibration import load_calibration
 from tests.proxy.test_metrics import value
+from tests.proxy.test_recalibration import wait_for
 from tests.proxy.test_sentences import TOKENS
 
 CALIBRATION = {
@@ -91,13 +91,6 @@ def feedback(client: TestClient, rid: str, **fields: Any) -> httpx.Response:
 def log_lines(tmp_path: Path) -> list[dict[str, Any]]:
     text = (tmp_path / "decisions.jsonl").read_text()
     return [json.loads(line) for line in text.splitlines()]
-
-
-def wait_for(check: Callable[[], bool], seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_a_sentence_is_labelled_apart_from_the_answer_and_once(
