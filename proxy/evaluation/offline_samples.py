@@ -37,6 +37,7 @@ from proxy.evaluation.prompts import Template
 from proxy.policy.schema import UpstreamConfig
 from proxy.sampling.draw import SamplingParams, draw_samples, sample_body
 from proxy.upstream.openai_http import OpenAIHTTPUpstream
+from proxy.upstream.wire import HttpxWire
 
 #: Where sampled answers are cached by default (the benchmark's cache too).
 SAMPLE_CACHE_DIR = CACHE_DIR / "consistency"
@@ -147,7 +148,7 @@ async def draw_all(
     limit = asyncio.Semaphore(max(1, concurrency))
     out = Drawn()
     async with transport or httpx.AsyncHTTPTransport() as upstream_transport:
-        upstream = OpenAIHTTPUpstream("calibrate", config, upstream_transport, env)
+        upstream = OpenAIHTTPUpstream("calibrate", config, HttpxWire(upstream_transport), env)
 
         async def one(q: Question) -> None:
             key = sample_key(q, template, model, params, max_tokens=max_tokens)

@@ -1,11 +1,10 @@
-"""An OpenAI-compatible upstream over the process's shared httpx transport.
+"""An OpenAI-compatible upstream: the wire format, over the process's shared wire.
 
-Requests go straight to the transport (``handle_async_request``, httpx's public
-interface for transports), not through ``httpx.AsyncClient.send``: the client's layers
-(redirects, auth, event hooks, and a cookie jar) are all unwanted here and cost 0.2 ms
-of a request (docs/performance.md). Cookies in particular must not be kept: one transport
-serves every tenant, so a cookie one upstream answer set would ride along on the next
-tenant's requests.
+The bytes travel on a :class:`~proxy.upstream.wire.Wire` (aiohttp's pool in service,
+any httpx transport in tests); this module builds the request, bounds what it reads
+(size, line length, deadline), and turns the answer, or its failure, into a completion
+or an :class:`~proxy.errors.UpstreamError`. Secrets the upstream echoes back are
+redacted before anything else sees the bytes.
 """
 
 from __future__ import annotations
@@ -15,25 +14,24 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import httpx
 import orjson
 
 from proxy.errors import (
     UpstreamError,
     UpstreamMalformed,
     UpstreamTimeout,
-    UpstreamUnreachable,
     upstream_status_error,
 )
 from proxy.policy.schema import UpstreamConfig
 from proxy.protocol import Kind, request_json
 from proxy.redaction import Redactor
 from proxy.upstream.base import DEFAULT_CAPS, ResponseCaps, api_key_from_env
+from proxy.upstream.wire import Timeouts, Wire, WireResponse
 
 _PATHS: dict[Kind, str] = {"chat": "/chat/completions", "completions": "/completions"}
 
-#: What httpx's client would have sent by default, less its cookie and keep-alive lines:
-#: the transport pools connections itself, and the body is decoded (and capped) here.
+#: What an HTTP client sends by default, less cookies: the wire pools connections
+#: itself, and the body is decoded (and capped) here.
 _HEADERS = {
     "accept": "*/*",
     "accept-encoding": "gzip, deflate",
@@ -42,22 +40,7 @@ _HEADERS = {
 }
 
 
-def _timeout_or_connect(exc: httpx.TransportError) -> UpstreamError:
-    """Classify a transport failure.
-
-    The aiohttp transport reports a refused connection as ``ConnectTimeout``; look at
-    the cause so that a dead upstream is a 502 and only a slow one is a 504.
-    """
-    cause = exc.__cause__
-    is_timeout = isinstance(exc, httpx.TimeoutException) and (
-        cause is None or isinstance(cause, TimeoutError) or "Timeout" in type(cause).__name__
-    )
-    if is_timeout:
-        return UpstreamTimeout()
-    return UpstreamUnreachable()
-
-
-def _status_error(status: int, raw: bytes, headers: httpx.Headers | None = None) -> UpstreamError:
+def _status_error(status: int, raw: bytes, retry_after: str | None = None) -> UpstreamError:
     message = ""
     try:
         data = orjson.loads(raw)
@@ -67,9 +50,8 @@ def _status_error(status: int, raw: bytes, headers: httpx.Headers | None = None)
         pass
     error = upstream_status_error(status, message)
     # Only the seconds form of Retry-After; an HTTP date (rare from model APIs) is ignored.
-    after = headers.get("retry-after") if headers is not None else None
     try:
-        seconds = float(after) if after is not None else -1.0
+        seconds = float(retry_after) if retry_after is not None else -1.0
     except ValueError:
         seconds = -1.0
     if 0 <= seconds < float("inf"):
@@ -84,7 +66,7 @@ class OpenAIHTTPUpstream:
         self,
         name: str,
         config: UpstreamConfig,
-        transport: httpx.AsyncBaseTransport,
+        wire: Wire,
         env: Mapping[str, str],
         *,
         caps: ResponseCaps = DEFAULT_CAPS,
@@ -92,55 +74,34 @@ class OpenAIHTTPUpstream:
         assert config.base_url is not None
         self.name = name
         self.supports_n = config.supports_n
-        base = config.base_url.rstrip("/")
-        # Parsed once: httpx would otherwise re-parse the URL string on every request.
-        self._urls = {kind: httpx.URL(base + path) for kind, path in _PATHS.items()}
-        self._transport = transport
         self._caps = caps
         self._total = config.timeouts.total
         self._read_timeout = config.timeouts.read
-        timeout = httpx.Timeout(
-            connect=config.timeouts.connect,
-            read=config.timeouts.read,
-            write=config.timeouts.read,
-            pool=config.timeouts.connect,
-        )
-        self._extensions = {"timeout": timeout.as_dict()}
         headers = dict(_HEADERS)
         key = api_key_from_env(config, env)
         # An upstream may echo its key back (in an error, or in a broken answer).
         self._redact = Redactor([key])
         if key:
             headers["authorization"] = f"Bearer {key}"
-        self._headers = httpx.Headers(headers)
-
-    async def _send(self, kind: Kind, body: dict[str, Any]) -> httpx.Response:
-        """The upstream's response, its body not read yet (the caller reads and closes it)."""
-        request = httpx.Request(
-            "POST",
-            self._urls[kind],
-            content=request_json(body),
-            headers=self._headers,
-            extensions=self._extensions,
-        )
-        response = await self._transport.handle_async_request(request)
-        response.request = request
-        return response
+        timeouts = Timeouts(connect=config.timeouts.connect, read=config.timeouts.read)
+        base = config.base_url.rstrip("/")
+        # Prepared once per policy load: URL, headers and timeouts are not rebuilt per call.
+        self._endpoints = {
+            kind: wire.endpoint(base + path, headers, timeouts) for kind, path in _PATHS.items()
+        }
 
     async def complete(self, kind: Kind, body: dict[str, Any]) -> dict[str, Any]:
         try:
             async with asyncio.timeout(self._total):
-                response = await self._send(kind, body)
+                response = await self._endpoints[kind].post(request_json(body))
                 try:
                     raw = self._redact.bytes(await self._read_capped(response))
                 finally:
                     await response.aclose()
         except TimeoutError:
             raise UpstreamTimeout() from None
-        except httpx.TransportError as exc:
-            raise _timeout_or_connect(exc) from None
-        if response.status_code >= 400:
-            raise _status_error(response.status_code, raw, response.headers)
+        if response.status >= 400:
+            raise _status_error(response.status, raw, response.header("retry-after"))
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -149,12 +110,12 @@ class OpenAIHTTPUpstream:
             raise UpstreamMalformed("The upstream answer is not a JSON object.")
         return data
 
-    async def _read_capped(self, response: httpx.Response) -> bytes:
+    async def _read_capped(self, response: WireResponse) -> bytes:
         """The decoded body, refused past ``max_response_bytes``: never held whole first."""
         limit = self._caps.max_response_bytes
         parts: list[bytes] = []
         size = 0
-        async for part in response.aiter_bytes():
+        async for part in response.chunks():
             size += len(part)
             if size > limit:
                 raise UpstreamError(
@@ -170,14 +131,11 @@ class OpenAIHTTPUpstream:
         # so a byte every half second (or a line that never ends) cannot outlive it.
         deadline = time.monotonic() + self._total
         body = {**body, "stream": True}
+        response = await self._endpoints[kind].post(request_json(body))
         try:
-            response = await self._send(kind, body)
-        except httpx.TransportError as exc:
-            raise _timeout_or_connect(exc) from None
-        try:
-            if response.status_code >= 400:
+            if response.status >= 400:
                 raw = self._redact.bytes(await self._read_capped(response))
-                raise _status_error(response.status_code, raw, response.headers)
+                raise _status_error(response.status, raw, response.header("retry-after"))
             _check_event_stream(response)
             lines = _lines(response, deadline, self._caps, self._read_timeout)
             async for line in lines:
@@ -190,24 +148,22 @@ class OpenAIHTTPUpstream:
             # Without [DONE] the answer may be cut short: relaying it as whole would
             # judge (and show) half an answer as if it were all of it.
             raise UpstreamMalformed("The upstream stream ended before [DONE].")
-        except httpx.TransportError as exc:
-            raise _timeout_or_connect(exc) from None
         finally:
             await response.aclose()
 
 
 async def _lines(
-    response: httpx.Response, deadline: float, caps: ResponseCaps, read_timeout: float
+    response: WireResponse, deadline: float, caps: ResponseCaps, read_timeout: float
 ) -> AsyncIterator[str]:
     """The stream's lines, each read within the deadline and at most ``max_line_bytes``,
     all of them together at most ``max_response_bytes``.
 
     The deadline is checked after every read, so bytes that keep trickling cannot outlive
-    it; a read that stalls is cut by httpx's read timeout, or, once the deadline is
+    it; a read that stalls is cut by the wire's read timeout, or, once the deadline is
     nearer than that, by a timer armed for that read only (timers cost, and most reads
     of most streams never need one).
     """
-    chunks = response.aiter_bytes().__aiter__()
+    chunks = response.chunks().__aiter__()
     pending = b""
     limit, total = caps.max_line_bytes, 0
     while True:
@@ -243,17 +199,17 @@ async def _lines(
         yield pending.rstrip(b"\r").decode("utf-8", "replace")
 
 
-def _check_event_stream(response: httpx.Response) -> None:
+def _check_event_stream(response: WireResponse) -> None:
     """A stream request must be answered 2xx with server-sent events, nothing else.
 
     A redirect (3xx: the proxy never follows one to another host), a JSON or HTML page,
     would otherwise pass as a stream that carries no chunk: a 200 with no answer.
     """
-    if not 200 <= response.status_code < 300:
+    if not 200 <= response.status < 300:
         raise UpstreamMalformed(
-            f"The upstream answered a stream request with status {response.status_code}."
+            f"The upstream answered a stream request with status {response.status}."
         )
-    content_type = response.headers.get("content-type", "")
+    content_type = response.header("content-type") or ""
     if not content_type.lower().startswith("text/event-stream"):
         shown = content_type.split(";")[0][:60] or "no content type"
         raise UpstreamMalformed(f"The upstream answered a stream request with {shown}.")

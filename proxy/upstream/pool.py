@@ -15,8 +15,6 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-import httpx
-
 from proxy.errors import UpstreamError
 from proxy.policy.schema import UpstreamConfig
 from proxy.upstream.base import DEFAULT_CAPS, ResponseCaps, UnconfiguredUpstream, Upstream
@@ -28,6 +26,7 @@ from proxy.upstream.resilience import (
     ResilientUpstream,
     State,
 )
+from proxy.upstream.wire import Wire
 
 if TYPE_CHECKING:
     from proxy.metrics import Metrics
@@ -37,7 +36,7 @@ log = logging.getLogger("abstain.upstream")
 
 def build_upstreams(
     configs: Mapping[str, UpstreamConfig],
-    transport: httpx.AsyncBaseTransport,
+    wire: Wire,
     env: Mapping[str, str],
     *,
     breakers: Mapping[str, Breaker] | None = None,
@@ -61,7 +60,7 @@ def build_upstreams(
             upstreams[name] = UnconfiguredUpstream(name, config.api_key_env)
             continue
         if config.base_url is not None:
-            inner = OpenAIHTTPUpstream(name, config, transport, env, caps=caps)
+            inner = OpenAIHTTPUpstream(name, config, wire, env, caps=caps)
         else:
             from proxy.upstream.litellm_upstream import LiteLLMUpstream
 
@@ -81,12 +80,12 @@ class UpstreamPool:
 
     def __init__(
         self,
-        transport: httpx.AsyncBaseTransport,
+        wire: Wire,
         env: Mapping[str, str],
         metrics: Metrics | None = None,
         caps: ResponseCaps = DEFAULT_CAPS,
     ) -> None:
-        self.transport = transport
+        self.wire = wire
         self._env = env
         self._metrics = metrics
         self._caps = caps
@@ -100,7 +99,7 @@ class UpstreamPool:
                 kept[name] = upstream.breaker
         self._upstreams = build_upstreams(
             configs,
-            self.transport,
+            self.wire,
             self._env,
             breakers=kept,
             on_retry=self._retried,

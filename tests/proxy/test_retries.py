@@ -15,6 +15,7 @@ from starlette.testclient import TestClient
 from proxy.policy.schema import UpstreamConfig
 from proxy.upstream.pool import UpstreamPool
 from proxy.upstream.resilience import ResilientUpstream
+from proxy.upstream.wire import HttpxWire
 from tests.conftest import auth
 from tests.fakes import FakeUpstream
 from tests.proxy.test_errors import assert_openai_error
@@ -104,7 +105,7 @@ def config(**extra: Any) -> UpstreamConfig:
 
 
 def test_a_breaker_survives_a_reload_that_leaves_its_upstream_unchanged() -> None:
-    pool = UpstreamPool(httpx.AsyncClient(), {})
+    pool = UpstreamPool(HttpxWire(httpx.AsyncHTTPTransport()), {})
     pool.rebuild({"a": config(), "b": config()})
     a, b = pool.get("a"), pool.get("b")
     assert isinstance(a, ResilientUpstream) and isinstance(b, ResilientUpstream)
