@@ -280,6 +280,10 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
+#: The endpoints :class:`~proxy.app.ProxyApp` serves ahead of the middleware, by path
+#: (POST only): they raise nothing but ProxyError for a client to see.
+LANES = {"/v1/chat/completions": chat_completions, "/v1/completions": completions}
+
 #: Starlette routes, not FastAPI's: the handlers take the raw request (admission parses
 #: and bounds the body itself), so FastAPI's dependency solving had nothing to do and
 #: cost 55 µs a request (docs/performance.md). Every error still goes through the
