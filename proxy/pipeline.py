@@ -60,7 +60,12 @@ class Pipeline:
         self.recalibration = recalibration
 
     async def complete(self, call: Call) -> tuple[dict[str, Any], list[Verdict]]:
-        """A non-streaming completion, judged and rewritten."""
+        """A non-streaming completion, judged and rewritten.
+
+        Its verdicts are not recorded yet: :meth:`answered` records them once the
+        response is on its way, so that metrics and the decision log are not in the
+        client's wait (and a response that fails to go out is not counted as answered).
+        """
         upstream, body = self._upstream_request(call)
         call.recalibration = self.recalibration_for(call)
         body.pop("stream", None)
@@ -72,7 +77,7 @@ class Pipeline:
                 call.kind, response, json_mode=call.json_mode, keep_tokens=keeps_tokens(call)
             )
             call.response_id = ensure_id(response)
-            verdicts = await self._judge(call, evidence, session)
+            verdicts = await self._judge(call, evidence, session, record=False)
         except UpstreamError as exc:
             self.recorder.upstream_failed(call, exc)
             raise
@@ -113,6 +118,16 @@ class Pipeline:
         """The call is over (answered, failed or streamed out): record it."""
         self.recorder.finished(call, verdicts, status, ttfb)
 
+    async def answered(self, call: Call, verdicts: list[Verdict]) -> None:
+        """A :meth:`complete` call's response was sent: record its verdicts and the call.
+
+        A coroutine with nothing to await, run as the response's background task: it
+        runs to its end as soon as the body is written, before this process reads the
+        next request (so a feedback for this response always finds it remembered).
+        """
+        self.recorder.verdicts(call, verdicts)
+        self.recorder.finished(call, verdicts, 200)
+
     def recalibration_for(self, call: Call) -> Recalibration | None:
         """The map learnt from the tenant's feedback that judges this call, if any."""
         if self.recalibration is None or call.rule.recalibrate is None:
@@ -152,8 +167,11 @@ class Pipeline:
         evidence: CallEvidence,
         session: SamplingSession | None,
         settle: Callable[[list[Verdict]], None] | None = None,
+        *,
+        record: bool = True,
     ) -> list[Verdict]:
-        """Attach the samples (when drawn), judge every choice, and count the verdicts.
+        """Attach the samples (when drawn), judge every choice, and count the verdicts
+        (unless ``record`` is false: the caller records them later).
 
         ``settle`` sees the verdicts before they are recorded (see
         :meth:`UpstreamStream.verdicts`).
@@ -167,7 +185,8 @@ class Pipeline:
             settle(verdicts)
         if call.rule.log_text:
             call.answers = evidence.texts
-        self.recorder.verdicts(call, verdicts)
+        if record:
+            self.recorder.verdicts(call, verdicts)
         return verdicts
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -103,8 +104,13 @@ async def _completion(request: Request, kind: Kind) -> Response:
         # Answered, failed or cancelled (client gone): the tenant's slot is free again.
         if release is not None:
             release()
-    pipeline.finish(call, verdicts, 200)
-    return Response(payload, media_type=_JSON, headers=verdict_headers(verdicts))
+    # Recorded once the body is written: metrics and the log are not in the client's wait.
+    return Response(
+        payload,
+        media_type=_JSON,
+        headers=verdict_headers(verdicts),
+        background=BackgroundTask(pipeline.answered, call, verdicts),
+    )
 
 
 async def _stream(pipeline: Pipeline, call: Call, release: Callable[[], None]) -> Response:
