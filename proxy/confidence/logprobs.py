@@ -53,16 +53,34 @@ def _chat_tokens(logprobs: Mapping[str, Any]) -> tuple[list[float], list[list[fl
         if lp is None:
             continue
         lps.append(_logprob(lp))
-        top = _list(tok.get("top_logprobs"), "top_logprobs")
-        if top:
-            tops.append([_logprob(alt.get("logprob")) for alt in top if _alternative(alt)])
+        top = tok.get("top_logprobs")
+        if top is not None:
+            values = _top_values(top)
+            if top:
+                tops.append(values)
     return lps, tops
 
 
-def _alternative(alt: Any) -> bool:
-    if not isinstance(alt, dict):
-        raise MalformedLogprobs("each top_logprobs entry must be an object")
-    return alt.get("logprob") is not None
+def _top_values(top: Any) -> list[float]:
+    """The logprobs of one token's ``top_logprobs`` list (entries without one skipped).
+
+    On every answer's path, once per token: floats in range are taken inline, and
+    anything else goes through :func:`_logprob`, which accepts an int or raises.
+    """
+    if not isinstance(top, list):
+        raise MalformedLogprobs("top_logprobs must be a list")
+    values: list[float] = []
+    for alt in top:
+        if not isinstance(alt, dict):
+            raise MalformedLogprobs("each top_logprobs entry must be an object")
+        v = alt.get("logprob")
+        if v is None:
+            continue
+        if type(v) is float and v <= 0.0:  # the common case; NaN fails the comparison
+            values.append(v)
+        else:
+            values.append(_logprob(v))
+    return values
 
 
 def _completion_tokens(logprobs: Mapping[str, Any]) -> tuple[list[float], list[list[float]]]:
@@ -103,14 +121,20 @@ def _entropy(values: Sequence[float]) -> float | None:
     """Entropy (nats) of the top-k alternatives, renormalised to sum to one.
 
     Top-k truncates the tail, so this underestimates the true entropy; it still ranks
-    answers well, and the calibration absorbs the bias.
+    answers well, and the calibration absorbs the bias. With ``w = exp(v - peak)`` and
+    ``Z = sum(w)``, ``-sum(p log p) = log Z - sum(w (v - peak)) / Z``: one log per
+    token rather than one per alternative (this runs for every token of every answer).
     """
     if not values:
         return None
     peak = max(values)
-    weights = [math.exp(v - peak) for v in values]
-    total = sum(weights)
-    return -sum((w / total) * math.log(w / total) for w in weights if w > 0)
+    total = weighted = 0.0
+    for v in values:
+        d = v - peak
+        w = math.exp(d)
+        total += w
+        weighted += w * d
+    return math.log(total) - weighted / total
 
 
 def _margin(chosen: float, top: Sequence[float]) -> float | None:
