@@ -73,11 +73,13 @@ def limiter_of(request: Request) -> Limiter:
 
 async def admit(
     request: Request, policy: Policy, route: Route, rule: Rule, body: dict[str, Any]
-) -> Callable[[], None]:
-    """Check the request's cost (400), then take a tenant lease (429); returns its release.
+) -> Admission:
+    """Check the request's cost (400), then take a tenant lease (429).
 
     Cost first: a request that can never be admitted should not spend a rate token. A
-    shared limiter (Redis) is awaited, within its deadline; the in-memory one is not.
+    shared limiter (Redis) is awaited, within its deadline, unless it lets the request
+    go on while it decides (:meth:`~proxy.limits.SharedLimiter.acquire_overlapped`);
+    the in-memory one is not awaited at all.
     """
     metrics: Metrics = request.app.state.metrics
     tenant = rule.tenant
@@ -88,27 +90,99 @@ async def admit(
         metrics.limited.labels(tenant, too_costly.limit).inc()
         raise BadRequest(too_costly.message, param=too_costly.param)
     limiter = limiter_of(request)
-    acquire_async = getattr(limiter, "acquire_async", None)  # a SharedLimiter
+    now = time.monotonic()
+    overlapped = getattr(limiter, "acquire_overlapped", None)  # a SharedLimiter
+    pending = overlapped(tenant, rule, now) if overlapped is not None else None
+    if pending is not None:
+        return Admission(metrics, tenant, pending=pending)
+    acquire_async = getattr(limiter, "acquire_async", None)
     if acquire_async is not None:
-        got: Lease | Refusal = await acquire_async(tenant, rule, time.monotonic())
+        got: Lease | Refusal = await acquire_async(tenant, rule, now)
     else:
-        got = limiter.acquire(tenant, rule, time.monotonic())
+        got = limiter.acquire(tenant, rule, now)
     if isinstance(got, Refusal):
         metrics.limited.labels(tenant, got.limit).inc()
         raise RateLimited(got.message, retry_after=got.retry_after)
-    gauge = metrics.in_flight.labels(tenant)
-    gauge.inc()
-    lease = got
-    released = False
+    return Admission(metrics, tenant, lease=got)
 
-    def release() -> None:
-        nonlocal released
-        if not released:
-            released = True
-            lease.release()
-            gauge.dec()
 
-    return release
+class Admission:
+    """An admitted request's hold on its tenant's limits: :meth:`release` it at the end.
+
+    Usually decided at once (it holds a lease). Overlapped, the shared limiter is still
+    deciding while the request goes on: a refusal then cancels the request's task (its
+    upstream call with it; :func:`until_disconnect` answers 429), and :meth:`confirmed`,
+    awaited before any byte goes to the client, raises the 429 itself when the refusal
+    comes while the request is being answered.
+    """
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        tenant: str,
+        *,
+        lease: Lease | None = None,
+        pending: asyncio.Future[Lease | Refusal] | None = None,
+    ) -> None:
+        self._metrics = metrics
+        self._tenant = tenant
+        self._lease = lease
+        self._pending = pending
+        self._released = False
+        self._confirming = False
+        self._settled = False
+        #: the refusal of an overlapped check, once it has come
+        self.refusal: Refusal | None = None
+        self._gauge = metrics.in_flight.labels(tenant)
+        self._gauge.inc()
+        if pending is not None:
+            self._task = asyncio.current_task()
+            pending.add_done_callback(self._decided)
+
+    def _decided(self, pending: asyncio.Future[Lease | Refusal]) -> None:
+        # Run by the future's callback, or first by confirmed(): whichever comes first.
+        if self._settled or pending.cancelled() or pending.exception() is not None:
+            return  # a failure is surfaced by confirmed()
+        self._settled = True
+        got = pending.result()
+        if isinstance(got, Refusal):
+            self.refusal = got
+            self._metrics.limited.labels(self._tenant, got.limit).inc()
+            if not self._released and not self._confirming and self._task is not None:
+                self._task.cancel()  # stop paying the upstream for a refused request
+        elif self._released:
+            got.release()  # the request ended before its admission was decided
+        else:
+            self._lease = got
+
+    def refused_error(self) -> RateLimited | None:
+        """The 429 for a refusal that has come, else None."""
+        if self.refusal is None:
+            return None
+        return RateLimited(self.refusal.message, retry_after=self.refusal.retry_after)
+
+    async def confirmed(self) -> None:
+        """Return once the admission is decided; 429 when the shared check refused."""
+        pending = self._pending
+        if pending is not None:
+            if not pending.done():
+                self._confirming = True
+                await asyncio.shield(pending)
+            self._decided(pending)
+        error = self.refused_error()
+        if error is not None:
+            raise error
+        if pending is not None and not pending.cancelled():
+            pending.result()  # a bug in the limiter is not an admission
+
+    def release(self) -> None:
+        """Give the hold back (once; an undecided one is given back when decided)."""
+        if self._released:
+            return
+        self._released = True
+        self._gauge.dec()
+        if self._lease is not None:
+            self._lease.release()
 
 
 class ReleasingBody:
@@ -190,10 +264,14 @@ async def _cancel_on_disconnect(
     task.cancel()
 
 
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+async def until_disconnect(
+    request: Request, work: Awaitable[T], admission: Admission | None = None
+) -> T:
     """``work``'s result, or 499 once the client has gone: the work is then cancelled,
     so an abandoned request stops paying for upstream calls (nginx closes the upstream
-    too). The watch starts only when the work outlasts :data:`WATCH_AFTER_SECONDS`."""
+    too). The watch starts only when the work outlasts :data:`WATCH_AFTER_SECONDS`.
+
+    An overlapped ``admission`` that is refused cancels the work too: 429."""
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
@@ -211,6 +289,10 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
             # Our own cancellation, now answered: the task must not stay marked cancelled.
             task.uncancel()
             raise ClientClosedRequest("The client closed the request.") from None
+        refused = admission.refused_error() if admission is not None else None
+        if refused is not None:
+            task.uncancel()
+            raise refused from None
         raise
     finally:
         timer.cancel()

@@ -14,13 +14,15 @@ Two kinds of limit, both set in the policy (``max_n``, ``max_upstream_calls``,
 :class:`Limiter` is the one place tenant counters live; :class:`MemoryLimiter` keeps them
 in this process (each worker has its own). A limiter whose counters live elsewhere
 (:class:`proxy.shared_state.redis_limiter.RedisLimiter`, shared by every pod) also has
-:meth:`SharedLimiter.acquire_async`, which admission awaits instead.
+:meth:`SharedLimiter.acquire_async`, which admission awaits instead, or
+:meth:`SharedLimiter.acquire_overlapped`, which it lets decide alongside the request.
 
 Pure: no web imports, and the clock is injected.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -78,6 +80,14 @@ class SharedLimiter(Limiter, Protocol):
 
     async def acquire_async(self, tenant: str, rule: Rule, now: float) -> Lease | Refusal:
         """Like :meth:`Limiter.acquire`, deciding with the shared counters."""
+        ...
+
+    def acquire_overlapped(
+        self, tenant: str, rule: Rule, now: float
+    ) -> asyncio.Future[Lease | Refusal] | None:
+        """:meth:`acquire_async` started and not awaited, when the tenant's last known
+        headroom is wide enough that a refusal is unlikely: the request goes on while
+        the shared counters decide. None: await :meth:`acquire_async` instead."""
         ...
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hmac
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +20,7 @@ from starlette.routing import Route
 
 from proxy import sentence_stream, streaming
 from proxy.admission import (
+    Admission,
     ReleasingBody,
     admit,
     api_key,
@@ -67,7 +67,7 @@ async def _completion(request: Request, kind: Kind) -> Response:
     pipeline: Pipeline = state.pipeline
     labels = _Labels(route=kind)
     call: Call | None = None
-    release: Callable[[], None] | None = None
+    admission: Admission | None = None
     try:
         settings = state.settings
         tenant = tenant_of(store, request)  # before the body: a stranger holds nothing
@@ -85,14 +85,17 @@ async def _completion(request: Request, kind: Kind) -> Response:
             raise ModelNotFound(f"The model {name!r} does not exist.", param="model")
         labels.model = route.model
         rule = policy.rule(tenant, route.model)
-        release = await admit(request, policy, route, rule, body)
+        admission = await admit(request, policy, route, rule, body)
         call = Call(kind, body, tenant, route, rule, started)
         if body.get("stream"):
-            streamed = await until_disconnect(request, _stream(pipeline, call, release))
-            release = None  # the stream's body releases the lease when it ends
+            streamed = await until_disconnect(
+                request, _stream(pipeline, call, admission), admission
+            )
+            admission = None  # the stream's body releases the lease when it ends
             return streamed
-        response, verdicts = await until_disconnect(request, pipeline.complete(call))
+        response, verdicts = await until_disconnect(request, pipeline.complete(call), admission)
         payload = dump_json(response)
+        await admission.confirmed()  # an overlapped admission: decided long since
     except ProxyError as exc:
         if call is not None:
             pipeline.finish(call, [], exc.status)
@@ -102,8 +105,8 @@ async def _completion(request: Request, kind: Kind) -> Response:
         raise
     finally:
         # Answered, failed or cancelled (client gone): the tenant's slot is free again.
-        if release is not None:
-            release()
+        if admission is not None:
+            admission.release()
     # Recorded once the body is written: metrics and the log are not in the client's wait.
     return Response(
         payload,
@@ -113,9 +116,16 @@ async def _completion(request: Request, kind: Kind) -> Response:
     )
 
 
-async def _stream(pipeline: Pipeline, call: Call, release: Callable[[], None]) -> Response:
-    """The SSE response; ``release`` runs once its body has ended (or failed to start)."""
+async def _stream(pipeline: Pipeline, call: Call, admission: Admission) -> Response:
+    """The SSE response; the admission is released once its body has ended (or failed
+    to start).
+
+    A stream waits for an overlapped admission to be decided before it starts: a buffer
+    stream's first keep-alive goes out at once, and a stream body never iterated would
+    not close the upstream stream it holds.
+    """
     try:
+        await admission.confirmed()
         if call.rule.streaming == "passthrough":
             stream = await streaming.passthrough(pipeline, call)
         elif call.rule.streaming == "sentence":
@@ -123,10 +133,10 @@ async def _stream(pipeline: Pipeline, call: Call, release: Callable[[], None]) -
         else:
             stream = await streaming.buffered(pipeline, call)
     except BaseException:
-        release()
+        admission.release()
         raise
     headers = {"cache-control": "no-cache", "x-accel-buffering": "no", **stream.headers}
-    body = ReleasingBody(stream.body, release)
+    body = ReleasingBody(stream.body, admission.release)
     return StreamingResponse(body, media_type="text/event-stream", headers=headers)
 
 

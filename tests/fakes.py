@@ -284,6 +284,8 @@ class FakeUpstream:
         self.requests: list[dict[str, Any]] = []
         self.headers: list[httpx.Headers] = []
         self.split_samples = 0
+        #: requests to the "slow" model cancelled while it slept (the proxy gave up)
+        self.cancelled = 0
 
     def samples(self) -> list[dict[str, Any]]:
         """The sample requests received (those at the sampling temperature)."""
@@ -304,7 +306,11 @@ class FakeUpstream:
         if model == "nochoices":
             return httpx.Response(200, json={"id": "x", "object": "chat.completion"})
         if model == "slow":
-            await asyncio.sleep(float(body.get("x_sleep", SLOW_SECONDS)))
+            try:
+                await asyncio.sleep(float(body.get("x_sleep", SLOW_SECONDS)))
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
         is_sample = body.get("temperature") == SAMPLE_TEMPERATURE
         if model == "fail-samples" and is_sample:
             return httpx.Response(500, json={"error": {"message": "sampler down"}})

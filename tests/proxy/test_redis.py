@@ -16,9 +16,11 @@ import pytest
 import redis
 from starlette.testclient import TestClient
 
+from proxy.limits import Refusal
 from proxy.policy.rules import Rule
 from tests.conftest import auth
 from tests.deploy.redis_server import RedisServer
+from tests.fakes import FakeUpstream
 from tests.proxy.test_limits import _with
 from tests.proxy.test_metrics import value
 
@@ -159,6 +161,63 @@ def test_n_requests_per_second_hold_across_both_pods(
     # One token at start, then 10 a second: both pods together, not 10 each.
     assert admitted <= 1 + 10 * elapsed + 1, (admitted, elapsed)
     assert admitted >= 5
+
+
+def test_far_from_its_limit_a_request_goes_on_while_redis_decides(
+    pods: Callable[..., tuple[TestClient, TestClient]], policy_path: Path
+) -> None:
+    # A bucket of 20 that does not refill: overlapping while 5 or more are known left.
+    _with(policy_path, chat="    rate_limit_per_second: 0.001\n    rate_limit_burst: 20\n")
+    a, _ = pods()
+    limiter = a.app.state.limiter  # type: ignore[attr-defined]
+    rule: Rule = a.app.state.store.current.rule("chat", "sure")  # type: ignore[attr-defined]
+
+    async def overlaps() -> list[bool]:
+        # Unknown headroom: wait. Then each answer says how many are left.
+        first = limiter.acquire_overlapped("chat", rule, time.monotonic())
+        assert first is None
+        got = await limiter.acquire_async("chat", rule, time.monotonic())
+        assert not isinstance(got, Refusal)
+        seen = []
+        for _ in range(19):
+            pending = limiter.acquire_overlapped("chat", rule, time.monotonic())
+            seen.append(pending is not None)
+            got = await (pending or limiter.acquire_async("chat", rule, time.monotonic()))
+            assert not isinstance(got, Refusal)
+        refused = await limiter.acquire_async("chat", rule, time.monotonic())
+        assert isinstance(refused, Refusal)  # 20 admitted, overlapped or not, then no more
+        assert limiter.acquire_overlapped("chat", rule, time.monotonic()) is None
+        return seen
+
+    seen = a.portal.call(overlaps)  # type: ignore[union-attr]
+    # 19, 18, ... 5 left when asked: 15 overlapped; with 4 or fewer left each one waits.
+    assert seen == [True] * 15 + [False] * 4
+
+
+def test_an_overlapped_request_refused_by_redis_is_a_429_and_its_upstream_call_stops(
+    pods: Callable[..., tuple[TestClient, TestClient]],
+    policy_path: Path,
+    server: RedisServer,
+    fake: FakeUpstream,
+) -> None:
+    _with(policy_path, chat="    rate_limit_per_second: 0.001\n    rate_limit_burst: 20\n")
+    a, _ = pods()
+    assert ask(a, tenant="chat").status_code == 200  # 19 left, as far as this pod knows
+    # Other pods spend the rest meanwhile.
+    redis.Redis.from_url(server.url).hset("abstain:limit:chat:bucket", "tokens", "0")
+    body = {"model": "slow", "x_sleep": 60, **CHAT}
+    r = a.post("/v1/chat/completions", json=body, headers=auth("chat"))
+    assert r.status_code == 429, r.text
+    assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    # The upstream call had started (the request did not wait) and was cancelled.
+    assert fake.requests[-1]["model"] == "slow"
+    assert fake.cancelled == 1
+    limited = value(
+        a, "abstain_limited_requests_total", tenant="chat", limit="rate_limit_per_second"
+    )
+    assert limited == 1
+    assert value(a, "abstain_in_flight_requests", tenant="chat") == 0
+    assert ask(a, tenant="chat").status_code == 429  # and the next one waits for Redis
 
 
 def test_a_concurrency_slot_held_on_one_pod_refuses_on_the_other(

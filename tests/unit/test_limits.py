@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 
 import pytest
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
+from proxy.admission import Admission
 from proxy.errors import ProxyError, RateLimited
 from proxy.limits import (
+    Lease,
     MemoryLimiter,
     Refusal,
     burst_size,
     check_request,
     upstream_calls,
 )
+from proxy.metrics import Metrics
 from proxy.policy.loading import parse_policy
 from proxy.policy.rules import Rule
 from proxy.policy.schema import RuleFields
@@ -228,3 +233,83 @@ def test_rate_limited_is_an_openai_429_with_retry_after_rounded_up() -> None:
     assert exc.headers() == {"retry-after": "1"}
     assert RateLimited("x", retry_after=2.01).headers() == {"retry-after": str(math.ceil(2.01))}
     assert ProxyError("x").headers() == {}
+
+
+# --- an admission the shared limiter is still deciding ------------------------------------
+
+
+class _Lease:
+    def __init__(self) -> None:
+        self.released = 0
+
+    def release(self) -> None:
+        self.released += 1
+
+
+def _admission(
+    pending: asyncio.Future[Lease | Refusal],
+) -> tuple[Admission, Metrics]:
+    metrics = Metrics(CollectorRegistry())
+    return Admission(metrics, "t", pending=pending), metrics
+
+
+def _in_flight(metrics: Metrics) -> float | None:
+    return metrics.registry.get_sample_value("abstain_in_flight_requests", {"tenant": "t"})
+
+
+async def test_an_admission_ended_before_it_is_decided_gives_its_lease_back_then() -> None:
+    pending: asyncio.Future[Lease | Refusal] = asyncio.get_running_loop().create_future()
+    admission, metrics = _admission(pending)
+    assert _in_flight(metrics) == 1
+    admission.release()
+    assert _in_flight(metrics) == 0
+    lease = _Lease()
+    pending.set_result(lease)
+    await asyncio.sleep(0)  # the done-callback runs
+    assert lease.released == 1
+    admission.release()  # once only
+    assert lease.released == 1 and _in_flight(metrics) == 0
+
+
+async def test_a_refusal_while_answering_is_raised_by_confirmed_not_by_a_cancel() -> None:
+    pending: asyncio.Future[Lease | Refusal] = asyncio.get_running_loop().create_future()
+    admission, metrics = _admission(pending)
+    refusal = Refusal("Rate limit exceeded.", "rate_limit_per_second", 2.0)
+    asyncio.get_running_loop().call_soon(pending.set_result, refusal)
+    with pytest.raises(RateLimited) as caught:
+        await admission.confirmed()
+    assert caught.value.retry_after == 2.0
+    task = asyncio.current_task()
+    assert task is not None and task.cancelling() == 0
+    counted = metrics.registry.get_sample_value(
+        "abstain_limited_requests_total", {"tenant": "t", "limit": "rate_limit_per_second"}
+    )
+    assert counted == 1
+
+
+async def test_a_refusal_before_the_answer_cancels_the_request() -> None:
+    pending: asyncio.Future[Lease | Refusal] = asyncio.get_running_loop().create_future()
+
+    async def request() -> str:
+        admission, _ = _admission(pending)
+        asyncio.get_running_loop().call_soon(
+            pending.set_result, Refusal("Too many.", "max_concurrent_requests", 1.0)
+        )
+        try:
+            await asyncio.sleep(60)  # the upstream call
+        except asyncio.CancelledError:
+            assert admission.refused_error() is not None
+            return "cancelled"
+        return "answered"
+
+    assert await asyncio.wait_for(request(), 30) == "cancelled"
+
+
+async def test_a_decided_lease_is_released_with_the_admission() -> None:
+    pending: asyncio.Future[Lease | Refusal] = asyncio.get_running_loop().create_future()
+    admission, _ = _admission(pending)
+    lease = _Lease()
+    pending.set_result(lease)
+    await admission.confirmed()
+    admission.release()
+    assert lease.released == 1
