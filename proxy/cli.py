@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy import local_model
+from proxy.gc_tuning import tune_for_serving
 from proxy.policy.loading import PolicyError, load_policy
 from proxy.settings import Settings
 
@@ -94,6 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         multiprocess.prepare_directory(os.environ)
     app = _build_app(settings.policy, settings.host, settings.port)
     server = uvicorn.Server(_uvicorn_config(app, settings))
+    tune_for_serving(settings.gc_gen0_threshold)
     server.run()
     return 0
 
@@ -251,6 +253,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             policy=args.policy, host=args.host, port=args.port, log_level=args.log_level
         )
         server = uvicorn.Server(_uvicorn_config(app, settings))
+        tune_for_serving(settings.gc_gen0_threshold)
 
         async def run() -> None:
             task = asyncio.create_task(server.serve())

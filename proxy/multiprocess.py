@@ -83,6 +83,7 @@ def scrape_registry(directory: Path) -> CollectorRegistry:
 def app_from_environment() -> FastAPI:
     """uvicorn's app factory in each worker: settings and metrics directory from the environment."""
     from proxy.app import create_app
+    from proxy.gc_tuning import tune_for_serving
 
     env = environment()
     directory = env.get(MULTIPROC_ENV)
@@ -90,9 +91,11 @@ def app_from_environment() -> FastAPI:
         raise RuntimeError(
             f"{MULTIPROC_ENV} is not set: start several workers with `abstain serve --workers N`"
         )
-    app = create_app(Settings(), env=env)
+    settings = Settings()
+    app = create_app(settings, env=env)
     app.state.scrape_registry = scrape_registry(Path(directory))
     _forget_live_gauges_on_shutdown(app, directory)
+    tune_for_serving(settings.gc_gen0_threshold)
     return app
 
 

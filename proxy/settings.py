@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     #: on, FastAPI looks the providers up on every request (13 µs each, measured).
     opentelemetry: bool = False
     log_level: str = "info"
+    #: a serving process's garbage collector: objects alive at start are frozen (never
+    #: scanned again) and the youngest generation is collected after this many
+    #: allocations instead of Python's 700; 0 leaves Python's defaults (proxy.gc_tuning)
+    gc_gen0_threshold: int = Field(10_000, ge=0)
     #: on SIGTERM, how long in-flight requests and streams may take to finish
     graceful_shutdown_seconds: int = Field(30, ge=0)
     #: JSON Lines decision log (and feedback records); None keeps no log file, and
