@@ -47,6 +47,7 @@ from proxy.protocol import Kind, dump_json, parse_json_body, validate_request
 from proxy.recording import Recorder
 from proxy.rewrite import verdict_headers
 from proxy.shared_state.memory import MAX_SENTENCES, Remembered
+from proxy.verdict import Verdict
 
 _JSON = "application/json"
 
@@ -112,8 +113,22 @@ async def _completion(request: Request, kind: Kind) -> Response:
         payload,
         media_type=_JSON,
         headers=verdict_headers(verdicts),
-        background=BackgroundTask(pipeline.answered, call, verdicts),
+        background=_Answered(pipeline, call, verdicts),
     )
+
+
+class _Answered(BackgroundTask):
+    """A response's background task: record its call once the body is written.
+
+    Starlette's BackgroundTask inspects its function on every construction to tell a
+    coroutine from a sync one (which it would run in a thread); this one is known.
+    """
+
+    def __init__(self, pipeline: Pipeline, call: Call, verdicts: list[Verdict]) -> None:
+        self._pipeline, self._call, self._verdicts = pipeline, call, verdicts
+
+    async def __call__(self) -> None:
+        await self._pipeline.answered(self._call, self._verdicts)
 
 
 async def _stream(pipeline: Pipeline, call: Call, admission: Admission) -> Response:
