@@ -30,10 +30,6 @@ T = TypeVar("T")
 _LOG_INTERVAL = 60.0
 #: Queued background commands sent in one round trip at most.
 _BATCH = 256
-#: How long background writes wait to be sent together (remembering responses for
-#: feedback, releasing concurrency slots): a feedback sent to another pod within this
-#: long of its response may not find it yet.
-FLUSH_DELAY_SECONDS = 0.002
 
 UNAVAILABLE = "The shared state store (Redis) is unavailable; try again shortly."
 
@@ -183,9 +179,6 @@ class RedisState:
 
     async def _flush(self) -> None:
         try:
-            # A moment's wait gathers more into one round trip under load, and moves the
-            # round trip out of the way of the next request, which is read meanwhile.
-            await asyncio.sleep(FLUSH_DELAY_SECONDS)
             while self._queue:
                 batch, self._queue = self._queue[:_BATCH], self._queue[_BATCH:]
 
