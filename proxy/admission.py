@@ -159,6 +159,7 @@ class Admission:
         if isinstance(got, Refusal):
             self.refusal = got
             self._metrics.limited.labels(self._tenant, got.limit).inc()
+            self._metrics.late_refusals.labels(self._tenant).inc()
             if not self._released and not self._confirming and self._task is not None:
                 self._task.cancel()  # stop paying the upstream for a refused request
         elif self._released:

@@ -51,6 +51,14 @@ class Metrics:
             ["tenant", "limit"],
             registry=r,
         )
+        self.late_refusals = Counter(
+            "abstain_limit_late_refusals",
+            "Requests the shared limiter (Redis) refused after their upstream call had "
+            "started (admission overlapped with it; the call was cancelled). Also in "
+            "abstain_limited_requests_total.",
+            ["tenant"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "abstain_in_flight_requests",
             "Completion requests holding a tenant lease now (admitted, not yet finished).",

@@ -216,6 +216,7 @@ def test_an_overlapped_request_refused_by_redis_is_a_429_and_its_upstream_call_s
         a, "abstain_limited_requests_total", tenant="chat", limit="rate_limit_per_second"
     )
     assert limited == 1
+    assert value(a, "abstain_limit_late_refusals_total", tenant="chat") == 1
     assert value(a, "abstain_in_flight_requests", tenant="chat") == 0
     assert ask(a, tenant="chat").status_code == 429  # and the next one waits for Redis
 
