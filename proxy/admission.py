@@ -141,6 +141,8 @@ class Admission:
         self._pending = pending
         self._released = False
         self._confirming = False
+        #: whether the request's upstream work may have begun before the decision came
+        self._work_began = True
         self._settled = False
         #: the refusal of an overlapped check, once it has come
         self.refusal: Refusal | None = None
@@ -159,7 +161,8 @@ class Admission:
         if isinstance(got, Refusal):
             self.refusal = got
             self._metrics.limited.labels(self._tenant, got.limit).inc()
-            self._metrics.late_refusals.labels(self._tenant).inc()
+            if self._work_began:
+                self._metrics.late_refusals.labels(self._tenant).inc()
             if not self._released and not self._confirming and self._task is not None:
                 self._task.cancel()  # stop paying the upstream for a refused request
         elif self._released:
@@ -173,11 +176,16 @@ class Admission:
             return None
         return RateLimited(self.refusal.message, retry_after=self.refusal.retry_after)
 
-    async def confirmed(self) -> None:
-        """Return once the admission is decided; 429 when the shared check refused."""
+    async def confirmed(self, *, before_work: bool = False) -> None:
+        """Return once the admission is decided; 429 when the shared check refused.
+
+        ``before_work``: awaited before any upstream call (a stream), so a refusal here
+        cost nothing upstream and is not counted as a late one.
+        """
         pending = self._pending
         if pending is not None:
             if not pending.done():
+                self._work_began = not before_work
                 self._confirming = True
                 await asyncio.shield(pending)
             self._decided(pending)

@@ -140,7 +140,7 @@ async def _stream(pipeline: Pipeline, call: Call, admission: Admission) -> Respo
     not close the upstream stream it holds.
     """
     try:
-        await admission.confirmed()
+        await admission.confirmed(before_work=True)
         if call.rule.streaming == "passthrough":
             stream = await streaming.passthrough(pipeline, call)
         elif call.rule.streaming == "sentence":

@@ -221,6 +221,29 @@ def test_an_overlapped_request_refused_by_redis_is_a_429_and_its_upstream_call_s
     assert ask(a, tenant="chat").status_code == 429  # and the next one waits for Redis
 
 
+def test_a_stream_waits_for_an_overlapped_check_before_its_upstream_call(
+    pods: Callable[..., tuple[TestClient, TestClient]],
+    policy_path: Path,
+    server: RedisServer,
+    fake: FakeUpstream,
+) -> None:
+    _with(policy_path, chat="    rate_limit_per_second: 0.001\n    rate_limit_burst: 20\n")
+    a, _ = pods()
+    assert ask(a, tenant="chat").status_code == 200  # wide headroom, as far as a knows
+    calls = len(fake.requests)
+    redis.Redis.from_url(server.url).hset("abstain:limit:chat:bucket", "tokens", "0")
+    body = {"model": "sure", "stream": True, **CHAT}
+    r = a.post("/v1/chat/completions", json=body, headers=auth("chat"))
+    assert r.status_code == 429, r.text  # a status, not an event in a started stream
+    assert len(fake.requests) == calls  # no upstream call was begun for it
+    assert value(a, "abstain_limit_late_refusals_total", tenant="chat") == 0
+    limited = value(
+        a, "abstain_limited_requests_total", tenant="chat", limit="rate_limit_per_second"
+    )
+    assert limited == 1
+    assert value(a, "abstain_in_flight_requests", tenant="chat") == 0
+
+
 def test_a_concurrency_slot_held_on_one_pod_refuses_on_the_other(
     pods: Callable[..., tuple[TestClient, TestClient]], policy_path: Path
 ) -> None:
