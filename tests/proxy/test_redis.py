@@ -46,6 +46,12 @@ def pods(
     return make
 
 
+def limiter_and_rule(client: TestClient) -> tuple[Any, Rule]:
+    """The pod's shared limiter, and the rule of tenant "chat" for model "sure"."""
+    state = client.app.state  # type: ignore[attr-defined]
+    return state.limiter, state.store.current.rule("chat", "sure")
+
+
 def settle(client: TestClient) -> None:
     """Wait for the app's background Redis writes (remembering a response, releasing)."""
     shared = client.app.state.shared_state  # type: ignore[attr-defined]
@@ -169,8 +175,7 @@ def test_far_from_its_limit_a_request_goes_on_while_redis_decides(
     # A bucket of 20 that does not refill: overlapping while 5 or more are known left.
     _with(policy_path, chat="    rate_limit_per_second: 0.001\n    rate_limit_burst: 20\n")
     a, _ = pods()
-    limiter = a.app.state.limiter  # type: ignore[attr-defined]
-    rule: Rule = a.app.state.store.current.rule("chat", "sure")  # type: ignore[attr-defined]
+    limiter, rule = limiter_and_rule(a)
 
     async def overlaps() -> list[bool]:
         # Unknown headroom: wait. Then each answer says how many are left.
@@ -194,17 +199,25 @@ def test_far_from_its_limit_a_request_goes_on_while_redis_decides(
     assert seen == [True] * 15 + [False] * 4
 
 
+def drained_behind_its_back(
+    pods: Callable[..., tuple[TestClient, TestClient]], policy_path: Path, server: RedisServer
+) -> TestClient:
+    """A pod whose last answer left the tenant "chat" 19 of 20 tokens, and a bucket that
+    other pods have emptied since."""
+    _with(policy_path, chat="    rate_limit_per_second: 0.001\n    rate_limit_burst: 20\n")
+    a, _ = pods()
+    assert ask(a, tenant="chat").status_code == 200
+    redis.Redis.from_url(server.url).hset("abstain:limit:chat:bucket", "tokens", "0")
+    return a
+
+
 def test_an_overlapped_request_refused_by_redis_is_a_429_and_its_upstream_call_stops(
     pods: Callable[..., tuple[TestClient, TestClient]],
     policy_path: Path,
     server: RedisServer,
     fake: FakeUpstream,
 ) -> None:
-    _with(policy_path, chat="    rate_limit_per_second: 0.001\n    rate_limit_burst: 20\n")
-    a, _ = pods()
-    assert ask(a, tenant="chat").status_code == 200  # 19 left, as far as this pod knows
-    # Other pods spend the rest meanwhile.
-    redis.Redis.from_url(server.url).hset("abstain:limit:chat:bucket", "tokens", "0")
+    a = drained_behind_its_back(pods, policy_path, server)
     body = {"model": "slow", "x_sleep": 60, **CHAT}
     r = a.post("/v1/chat/completions", json=body, headers=auth("chat"))
     assert r.status_code == 429, r.text
@@ -227,11 +240,8 @@ def test_a_stream_waits_for_an_overlapped_check_before_its_upstream_call(
     server: RedisServer,
     fake: FakeUpstream,
 ) -> None:
-    _with(policy_path, chat="    rate_limit_per_second: 0.001\n    rate_limit_burst: 20\n")
-    a, _ = pods()
-    assert ask(a, tenant="chat").status_code == 200  # wide headroom, as far as a knows
+    a = drained_behind_its_back(pods, policy_path, server)
     calls = len(fake.requests)
-    redis.Redis.from_url(server.url).hset("abstain:limit:chat:bucket", "tokens", "0")
     body = {"model": "sure", "stream": True, **CHAT}
     r = a.post("/v1/chat/completions", json=body, headers=auth("chat"))
     assert r.status_code == 429, r.text  # a status, not an event in a started stream
@@ -249,8 +259,7 @@ def test_a_concurrency_slot_held_on_one_pod_refuses_on_the_other(
 ) -> None:
     _with(policy_path, chat="    max_concurrent_requests: 1\n")
     a, b = pods()
-    limiter = a.app.state.limiter  # type: ignore[attr-defined]
-    rule: Rule = a.app.state.store.current.rule("chat", "sure")  # type: ignore[attr-defined]
+    limiter, rule = limiter_and_rule(a)
     held = a.portal.call(limiter.acquire_async, "chat", rule, time.monotonic())  # type: ignore[union-attr]
     refused = ask(b, tenant="chat")
     assert refused.status_code == 429
@@ -268,8 +277,7 @@ def test_a_lease_whose_pod_died_expires(
 ) -> None:
     _with(policy_path, chat="    max_concurrent_requests: 1\n")
     a, b = pods(redis_lease_seconds=0.5)
-    limiter = a.app.state.limiter  # type: ignore[attr-defined]
-    rule = a.app.state.store.current.rule("chat", "sure")  # type: ignore[attr-defined]
+    limiter, rule = limiter_and_rule(a)
     a.portal.call(limiter.acquire_async, "chat", rule, time.monotonic())  # type: ignore[union-attr]
     assert ask(b, tenant="chat").status_code == 429  # never released: the pod "died"
     time.sleep(0.6)
