@@ -318,7 +318,8 @@ LANES = {"/v1/chat/completions": chat_completions, "/v1/completions": completion
 #: Starlette routes, not FastAPI's: the handlers take the raw request (admission parses
 #: and bounds the body itself), so FastAPI's dependency solving had nothing to do and
 #: cost 55 µs a request (docs/performance.md). Every error still goes through the
-#: application's exception handlers.
+#: application's exception handlers (the two completion routes are served by
+#: :class:`~proxy.app.ProxyApp`'s lane, which answers the same, unless OpenTelemetry is on).
 routes = [
     Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     Route("/v1/completions", completions, methods=["POST"]),
