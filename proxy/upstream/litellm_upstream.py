@@ -1,5 +1,8 @@
 """Any provider litellm knows, behind the same Upstream protocol.
 
+Bounded like an HTTP upstream, as far as litellm lets it be: a total deadline, and
+``max_response_bytes`` on an answer (as JSON) and on a stream's chunks together.
+
 litellm is imported when the first such upstream is built, never at module import, so a
 deployment that only talks to OpenAI-compatible servers never pays its start-up time
 (about 2 s) or memory (about 100 MiB).
@@ -164,7 +167,16 @@ class LiteLLMUpstream:
             raise
         except Exception as exc:  # litellm raises its own tree; map it, never leak it
             raise self._error(exc) from None
-        return _as_dict(result)
+        data = _as_dict(result)
+        # litellm has read and parsed the answer itself, so the cap cannot stop that read
+        # (its own client bounds it); it keeps the proxy from judging, logging and sending
+        # an answer past max_response_bytes, as for every other upstream.
+        limit = self._caps.max_response_bytes
+        if len(orjson.dumps(data, default=str)) > limit:
+            raise UpstreamError(
+                f"The upstream answer exceeds the limit of {limit} bytes.", kind="too_large"
+            )
+        return data
 
     async def stream(self, kind: Kind, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """The chunks, within the total deadline and ``max_response_bytes`` of chunks (as

@@ -1,4 +1,5 @@
-"""A litellm upstream's stream is bounded like an HTTP one's: in bytes and in time.
+"""A litellm upstream is bounded like an HTTP one: its answers and streams in bytes, its
+streams in time.
 
 A real HTTP server on loopback streams server-sent events to litellm's OpenAI provider.
 """
@@ -30,6 +31,8 @@ if importlib.util.find_spec("litellm") is None:
 class Streaming(ThreadingHTTPServer):
     events: int = 0
     pause: float = 0.0
+    #: words of a non-streamed answer
+    words: int = 1
 
 
 def _event(text: str) -> bytes:
@@ -44,7 +47,18 @@ def upstream() -> Iterator[Streaming]:
         def do_POST(self) -> None:
             server = self.server
             assert isinstance(server, Streaming)
-            self.rfile.read(int(self.headers.get("content-length") or 0))
+            request = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)))
+            if not request.get("stream"):
+                answer = {"id": "c", "object": "chat.completion", "created": 1, "model": "x",
+                          "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                              "role": "assistant", "content": "Paris " * server.words}}]}  # fmt: skip
+                payload = json.dumps(answer).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+                return
             self.send_response(200)
             self.send_header("content-type", "text/event-stream")
             self.end_headers()
@@ -114,3 +128,15 @@ def test_a_stream_past_the_total_deadline_ends_with_a_timeout(
 ) -> None:
     upstream.events, upstream.pause = 20, 0.1  # 2 s of chunks, each within the read timeout
     assert last_error(ask(client_for(tmp_path, upstream)))["code"] == "upstream_timeout"
+
+
+def test_an_answer_over_the_byte_cap_is_a_502(tmp_path: Path, upstream: Streaming) -> None:
+    app = client_for(tmp_path, upstream)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with TestClient(app, raise_server_exceptions=False) as client:
+        upstream.words = 20_000  # ~120 KB: over 64 KiB
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 502, r.text
+        assert "answer exceeds the limit of 65536 bytes" in r.json()["error"]["message"]
+        upstream.words = 3
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
