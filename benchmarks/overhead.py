@@ -15,8 +15,8 @@ what no proxy on this stack can go below on the machine at hand.
 
 ``--redis`` also starts a loopback ``redis-server`` and measures, beside the in-memory
 proxy, one with ``ABSTAIN_REDIS_URL`` set (both with generous tenant limits, so that the
-shared limiter runs its script on every request and the feedback memory writes each
-response to Redis).
+shared limiter decides every request and the feedback memory writes each response to
+Redis); with ``--baseline``, the baseline with Redis too.
 
 Run:  .venv/bin/python benchmarks/overhead.py [--rounds 5] [--requests 400] [--redis] [--floor]
 """
@@ -236,7 +236,11 @@ def main() -> None:
     if args.redis:
         redis_proc, redis_url = start_redis()
         procs.append(redis_proc)
-        proxies.append(("with Redis", ROOT, {"ABSTAIN_REDIS_URL": redis_url}))
+        redis_env = {"ABSTAIN_REDIS_URL": redis_url}
+        if args.baseline:
+            # The same Redis: the tenant's keys are shared, as two deployments' would be.
+            proxies.append(("before, with Redis", args.baseline.resolve(), redis_env))
+        proxies.append(("with Redis", ROOT, redis_env))
     try:
         wait_ready(f"http://127.0.0.1:{up_port}/v1", upstream, timeout=30)
         urls = [f"http://127.0.0.1:{up_port}/v1/chat/completions"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from starlette.requests import ClientDisconnect, Request
 
@@ -25,7 +25,7 @@ from proxy.errors import (
     RequestTimeout,
     Unauthorized,
 )
-from proxy.limits import Lease, Limiter, MemoryLimiter, Refusal, check_request
+from proxy.limits import Lease, Limiter, MemoryLimiter, Refusal, SharedLimiter, check_request
 from proxy.metrics import Metrics
 from proxy.policy.loading import PolicyStore
 from proxy.policy.rules import Policy, Route, Rule
@@ -88,9 +88,11 @@ async def admit(
     """Check the request's cost (400), then take a tenant lease (429).
 
     Cost first: a request that can never be admitted should not spend a rate token. A
-    shared limiter (Redis) is awaited, within its deadline, unless it lets the request
-    go on while it decides (:meth:`~proxy.limits.SharedLimiter.acquire_overlapped`);
-    the in-memory one is not awaited at all.
+    shared limiter (Redis) admits at once from a batch this process holds
+    (:meth:`~proxy.limits.SharedLimiter.acquire_held`), else is awaited, within its
+    deadline, unless it lets the request go on while it decides
+    (:meth:`~proxy.limits.SharedLimiter.acquire_overlapped`); the in-memory one is not
+    awaited at all.
     """
     metrics: Metrics = request.app.state.metrics
     tenant = rule.tenant
@@ -102,13 +104,15 @@ async def admit(
         raise BadRequest(too_costly.message, param=too_costly.param)
     limiter = limiter_of(request)
     now = time.monotonic()
-    overlapped = getattr(limiter, "acquire_overlapped", None)  # a SharedLimiter
-    pending = overlapped(tenant, rule, now) if overlapped is not None else None
-    if pending is not None:
-        return Admission(metrics, tenant, pending=pending)
-    acquire_async = getattr(limiter, "acquire_async", None)
-    if acquire_async is not None:
-        got: Lease | Refusal = await acquire_async(tenant, rule, now)
+    if hasattr(limiter, "acquire_async"):  # a SharedLimiter (a Protocol check is slower)
+        shared = cast(SharedLimiter, limiter)
+        held = shared.acquire_held(tenant, rule, now)
+        if held is not None:
+            return Admission(metrics, tenant, lease=held)
+        pending = shared.acquire_overlapped(tenant, rule, now)
+        if pending is not None:
+            return Admission(metrics, tenant, pending=pending)
+        got: Lease | Refusal = await shared.acquire_async(tenant, rule, now)
     else:
         got = limiter.acquire(tenant, rule, now)
     if isinstance(got, Refusal):

@@ -25,7 +25,6 @@ from starlette.responses import JSONResponse, Response
 
 from proxy.decision_log import DecisionLog
 from proxy.errors import BadRequest, MethodNotAllowed, NotFound, ProxyError
-from proxy.limits import Limiter
 from proxy.metrics import Metrics
 from proxy.online_recalibration import OnlineRecalibration
 from proxy.pipeline import Pipeline
@@ -40,6 +39,7 @@ from proxy.upstream.pool import UpstreamPool
 from proxy.upstream.wire import AiohttpWire, HttpxWire, Wire
 
 if TYPE_CHECKING:
+    from proxy.shared_state.redis_limiter import RedisLimiter
     from proxy.shared_state.redis_recalibration import RedisRecalibrationStore
     from proxy.shared_state.redis_state import RedisState
 
@@ -153,6 +153,8 @@ def create_app(
                 task.cancel()
             await wire.aclose()
             await recalibration.aclose()
+            if limiter is not None:
+                await limiter.hand_back_all()  # batches of shared limits, before the last writes
             if shared is not None:
                 await shared.close()
             decisions.close()
@@ -227,7 +229,7 @@ class ProxyApp(FastAPI):
 
 def _shared_state(
     settings: Settings, metrics: Metrics
-) -> tuple[RedisState | None, FeedbackMemory | None, Limiter | None]:
+) -> tuple[RedisState | None, FeedbackMemory | None, RedisLimiter | None]:
     """With ``ABSTAIN_REDIS_URL``: the Redis client, feedback memory and limiter every pod
     shares. Without: nothing (the in-memory defaults), and Redis is not even imported."""
     if settings.redis_url is None:

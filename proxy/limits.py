@@ -14,7 +14,8 @@ Two kinds of limit, both set in the policy (``max_n``, ``max_upstream_calls``,
 :class:`Limiter` is the one place tenant counters live; :class:`MemoryLimiter` keeps them
 in this process (each worker has its own). A limiter whose counters live elsewhere
 (:class:`proxy.shared_state.redis_limiter.RedisLimiter`, shared by every pod) also has
-:meth:`SharedLimiter.acquire_async`, which admission awaits instead, or
+:meth:`SharedLimiter.acquire_held`, which admits from what this process already holds,
+:meth:`SharedLimiter.acquire_async`, which admission awaits instead, and
 :meth:`SharedLimiter.acquire_overlapped`, which it lets decide alongside the request.
 
 Pure: no web imports, and the clock is injected.
@@ -77,6 +78,11 @@ class Limiter(Protocol):
 
 class SharedLimiter(Limiter, Protocol):
     """A :class:`Limiter` whose counters are elsewhere: admission awaits this instead."""
+
+    def acquire_held(self, tenant: str, rule: Rule, now: float) -> Lease | None:
+        """A lease from what this process already holds of the shared limits (a batch
+        taken earlier), decided here at once; None: ask the shared counters."""
+        ...
 
     async def acquire_async(self, tenant: str, rule: Rule, now: float) -> Lease | Refusal:
         """Like :meth:`Limiter.acquire`, deciding with the shared counters."""

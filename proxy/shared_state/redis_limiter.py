@@ -1,8 +1,10 @@
-"""Per-tenant limits shared by every pod: one Lua script per admitted request.
+"""Per-tenant limits shared by every pod: one Lua script per admission or per batch.
 
 For a tenant whose rule sets ``max_concurrent_requests`` or ``rate_limit_per_second``,
 one ``EVALSHA`` checks and takes both at once (atomic in Redis, so N pods cannot
-together admit more than the limit):
+together admit more than the limit). Far from the limits it takes a small batch of
+tokens and slots that the next requests spend here without a round trip
+(:mod:`proxy.shared_state.allowance`); near them, each request asks:
 
 * concurrency: a sorted set ``{prefix}limit:{tenant}:leases`` of lease ids scored by
   their expiry (now + ``lease_seconds``, on Redis' clock). Expired leases are dropped
@@ -13,7 +15,9 @@ together admit more than the limit):
   Redis' ``TIME``, so pods' clocks do not matter), the same arithmetic as
   :class:`~proxy.limits.MemoryLimiter`, expiring once it would be full again anyway.
 
-A refusal consumes nothing. A tenant with neither limit never touches Redis. When Redis
+A refusal consumes nothing. A tenant with neither limit never touches Redis. What a
+batch leaves unused goes back when its second is up: its slots are removed from the
+lease set, its tokens added back to the bucket. When Redis
 fails or is backing off, the request is decided by this process's
 :class:`~proxy.limits.MemoryLimiter` instead (each pod then allows the whole limit).
 Releases (like remembering responses) are queued and sent together after the response;
@@ -23,6 +27,7 @@ those that could not reach Redis are queued again after the next successful acqu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections import deque
@@ -37,12 +42,25 @@ from proxy.limits import (
     burst_size,
 )
 from proxy.policy.rules import Rule
+from proxy.shared_state.allowance import (
+    ALLOWANCE_SECONDS,
+    MAX_SLOTS,
+    MAX_TOKENS,
+    MIN_SLOTS,
+    MIN_TOKENS,
+    Allowance,
+    Limits,
+    batch_size,
+)
 from proxy.shared_state.memory import SharedStateUnavailable
 from proxy.shared_state.redis_state import RedisState
 
-#: KEYS: bucket, leases. ARGV: cap (-1 none), rate (0 none), burst, lease id, lease ms.
-#: Returns {1, tokens left, leases held} when admitted (-1: that limit is not set),
-#: {0, limit, retry_after} when refused.
+#: KEYS: bucket, leases. ARGV: cap (-1 none), rate (0 none), burst, lease id, lease ms,
+#: tokens wanted, slots wanted (a batch, :mod:`proxy.shared_state.allowance`; 1 and 1
+#: for one request). Admits if one request fits, granting up to what was wanted:
+#: returns {1, tokens left, leases held, tokens granted, slots granted} (-1: that limit
+#: is not set); the slots are the lease id, then ``id:2``, ``id:3`` and so on.
+#: Returns {0, limit, retry_after} when refused.
 ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -50,14 +68,19 @@ local cap = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
 local burst = tonumber(ARGV[3])
 local ttl = tonumber(ARGV[5])
+local want_tokens = tonumber(ARGV[6] or '1')
+local want_slots = tonumber(ARGV[7] or '1')
 local held = -1
 local left = '-1'
+local tokens_granted = -1
+local slots_granted = -1
 if cap >= 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
   held = redis.call('ZCARD', KEYS[2])
   if held >= cap then
     return {0, 'max_concurrent_requests', '0'}
   end
+  slots_granted = math.max(1, math.min(want_slots, cap - held))
 end
 if rate > 0 then
   local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
@@ -71,16 +94,29 @@ if rate > 0 then
   if tokens < 1 then
     return {0, 'rate_limit_per_second', string.format('%.6f', (1 - tokens) / rate)}
   end
-  left = string.format('%.6f', tokens - 1)
+  tokens_granted = math.max(1, math.min(want_tokens, math.floor(tokens)))
+  left = string.format('%.6f', tokens - tokens_granted)
   redis.call('HSET', KEYS[1], 'tokens', left, 'ts', string.format('%d', math.max(ts, now)))
   redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
 end
 if cap >= 0 then
   redis.call('ZADD', KEYS[2], now + ttl, ARGV[4])
+  for i = 2, slots_granted do
+    redis.call('ZADD', KEYS[2], now + ttl, ARGV[4] .. ':' .. i)
+  end
   redis.call('PEXPIRE', KEYS[2], ttl)
-  held = held + 1
+  held = held + slots_granted
 end
-return {1, left, held}
+return {1, left, held, tokens_granted, slots_granted}
+"""
+
+#: KEYS: bucket. ARGV: tokens. Gives a batch's unused tokens back to a bucket that
+#: still exists (one that expired is full anyway); the next ACQUIRE caps it at the burst.
+RETURN_TOKENS = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HINCRBYFLOAT', KEYS[1], 'tokens', ARGV[1])
+end
+return 1
 """
 
 #: How long the headroom of a tenant's last admission is trusted for overlapping.
@@ -116,6 +152,22 @@ class _RedisLease:
                 self.limiter._release(self.key, self.lease_id)
 
 
+@dataclass(slots=True)
+class _HeldLease:
+    """A request admitted from this pod's :class:`~proxy.shared_state.allowance.Allowance`."""
+
+    limiter: RedisLimiter
+    tenant: str
+    allowance: Allowance
+    slot: str | None  # None: the rule has no concurrency cap
+    released: bool = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.limiter._held_released(self)
+
+
 class RedisLimiter:
     """:class:`~proxy.limits.Limiter` whose counters live in Redis, with a local fallback."""
 
@@ -125,9 +177,11 @@ class RedisLimiter:
         *,
         lease_seconds: float = 600.0,
         local: MemoryLimiter | None = None,
+        allowance_seconds: float = ALLOWANCE_SECONDS,
     ) -> None:
         self.state = state
         self.lease_ms = max(1, int(lease_seconds * 1000))
+        self.allowance_seconds = allowance_seconds
         #: decides while Redis is unreachable, and for tenants without limits
         self.local = local if local is not None else MemoryLimiter()
         self._unreleased: deque[tuple[str, str]] = deque(maxlen=_UNRELEASED_MAX)
@@ -137,6 +191,13 @@ class RedisLimiter:
         self._pending: dict[str, int] = {}
         #: the overlapped checks in flight (a task must be referenced until it is done)
         self._overlapped: set[asyncio.Task[Lease | Refusal]] = set()
+        #: per tenant: the batch of tokens and slots this pod spends from now
+        self._allowances: dict[str, Allowance] = {}
+        #: per tenant: requests admitted from batches here and not ended yet
+        self._held: dict[str, int] = {}
+        #: tenants with a batch being asked for, and the background asks in flight
+        self._renewing: set[str] = set()
+        self._renewals: set[asyncio.Task[None]] = set()
 
     def in_flight(self, tenant: str) -> int:
         """Requests of ``tenant`` holding a local lease (fallback or unlimited) here."""
@@ -146,38 +207,48 @@ class RedisLimiter:
         """The synchronous :class:`~proxy.limits.Limiter` call: this process only."""
         return self.local.acquire(tenant, rule, now)
 
+    def acquire_held(self, tenant: str, rule: Rule, now: float) -> Lease | None:
+        """A lease from the batch this pod holds for ``tenant``, without a round trip;
+        None when there is none left to spend (then ask Redis). A batch running low
+        starts the ask for the next one in the background."""
+        allowance = self._allowances.get(tenant)
+        if allowance is None or not allowance.usable(_limits(rule), now):
+            return None
+        lease = self._held_lease(tenant, allowance)
+        if tenant not in self._renewing and allowance.running_low(now):
+            self._renewing.add(tenant)
+            task = asyncio.get_running_loop().create_task(self._renew(tenant, rule, now))
+            self._renewals.add(task)
+            task.add_done_callback(self._renewals.discard)
+        return lease
+
     async def acquire_async(self, tenant: str, rule: Rule, now: float) -> Lease | Refusal:
         """Shared across pods through Redis; local when Redis does not answer in time."""
         cap = rule.max_concurrent_requests
         rate = rule.rate_limit_per_second
         if cap is None and rate is None:
             return self.local.acquire(tenant, rule, now)
-        prefix = f"{self.state.prefix}limit:{tenant}:"
-        leases = prefix + "leases"
         lease_id = uuid.uuid4().hex
-        args = [
-            -1 if cap is None else cap,
-            0 if rate is None else float(rate),
-            burst_size(rule),
-            lease_id,
-            self.lease_ms,
-        ]
+        # One batch asked for at a time per tenant: the requests meanwhile ask for one.
+        want = (1, 1) if tenant in self._renewing else self._batch_wanted(tenant, rule, now)
+        batch = want != (1, 1)
+        if batch:
+            self._renewing.add(tenant)
         try:
-            got = await self.state.run(
-                "limit_acquire",
-                lambda client: self.state.script(ACQUIRE)(
-                    keys=[prefix + "bucket", leases], args=args, client=client
-                ),
-            )
+            got = await self._run_acquire(tenant, rule, lease_id, want)
         except SharedStateUnavailable:
             return self.local.acquire(tenant, rule, now)
-        if self._unreleased:
-            self._retry_releases()
+        finally:
+            if batch:
+                self._renewing.discard(tenant)
         if int(got[0]) == 1:
-            if len(got) >= 3:
-                self._note_headroom(tenant, got)
-            return _RedisLease(self, leases if cap is not None else None, lease_id)
-        self._headroom.pop(tenant, None)  # at the limit: the next requests wait again
+            if len(got) >= 5 and (int(got[3]) > 1 or int(got[4]) > 1):
+                return self._held_lease(
+                    tenant, self._install(tenant, rule, lease_id, int(got[3]), int(got[4]))
+                )
+            return _RedisLease(
+                self, self._key(tenant, "leases") if cap is not None else None, lease_id
+            )
         limit = _text(got[1])
         if limit == "max_concurrent_requests":
             return Refusal(
@@ -190,6 +261,48 @@ class RedisLimiter:
             "rate_limit_per_second",
             float(_text(got[2])),
         )
+
+    async def _run_acquire(
+        self, tenant: str, rule: Rule, lease_id: str, want: tuple[int, int]
+    ) -> Any:
+        """The ACQUIRE script's reply (the headroom it shows noted), within the deadline."""
+        cap = rule.max_concurrent_requests
+        rate = rule.rate_limit_per_second
+        args = [
+            -1 if cap is None else cap,
+            0 if rate is None else float(rate),
+            burst_size(rule),
+            lease_id,
+            self.lease_ms,
+            *want,
+        ]
+        keys = [self._key(tenant, "bucket"), self._key(tenant, "leases")]
+        got = await self.state.run(
+            "limit_acquire",
+            lambda client: self.state.script(ACQUIRE)(keys=keys, args=args, client=client),
+        )
+        if self._unreleased:
+            self._retry_releases()
+        if int(got[0]) == 1:
+            if len(got) >= 3:
+                self._note_headroom(tenant, got)
+        else:
+            self._headroom.pop(tenant, None)  # at the limit: the next requests wait again
+        return got
+
+    async def _renew(self, tenant: str, rule: Rule, now: float) -> None:
+        """Ask for the next batch while this one is still being spent (no request waits)."""
+        try:
+            want = self._batch_wanted(tenant, rule, now)
+            if want == (1, 1):
+                return  # near a limit now: the requests ask one by one
+            with contextlib.suppress(SharedStateUnavailable):
+                lease_id = uuid.uuid4().hex
+                got = await self._run_acquire(tenant, rule, lease_id, want)
+                if int(got[0]) == 1 and len(got) >= 5:
+                    self._install(tenant, rule, lease_id, int(got[3]), int(got[4]))
+        finally:
+            self._renewing.discard(tenant)
 
     def acquire_overlapped(
         self, tenant: str, rule: Rule, now: float
@@ -236,6 +349,100 @@ class RedisLimiter:
         task.add_done_callback(answered)
         return task
 
+    def _batch_wanted(self, tenant: str, rule: Rule, now: float) -> tuple[int, int]:
+        """(tokens, slots) to ask for: a batch when every limit the rule sets is known,
+        within the last second, to be far from reached; else one request's (1, 1)."""
+        room = self._headroom.get(tenant)
+        if room is None or not self.state.available or not 0 <= now - room.at <= HEADROOM_SECONDS:
+            return 1, 1
+        rate, cap = rule.rate_limit_per_second, rule.max_concurrent_requests
+        pending = self._pending.get(tenant, 0)
+        previous = self._allowances.get(tenant)
+        tokens = slots = 1
+        if rate is not None:
+            if room.tokens is None:
+                return 1, 1
+            free = min(float(burst_size(rule)), room.tokens + (now - room.at) * rate) - pending
+            demand = previous.used if previous is not None else 0
+            tokens = batch_size(free, demand, least=MIN_TOKENS, most=MAX_TOKENS)
+            if tokens < 2:
+                return 1, 1
+        if cap is not None:
+            if room.held is None:
+                return 1, 1
+            demand = self._held.get(tenant, 0) + 1
+            slots = batch_size(cap - room.held - pending, demand, least=MIN_SLOTS, most=MAX_SLOTS)
+            if slots < 2:
+                return 1, 1
+        return tokens, slots
+
+    def _install(
+        self, tenant: str, rule: Rule, lease_id: str, tokens: int, slots: int
+    ) -> Allowance:
+        """Keep a granted batch to spend from, handing back the one before."""
+        previous = self._allowances.pop(tenant, None)
+        if previous is not None:
+            self._hand_back(tenant, previous)
+        ids = [lease_id, *(f"{lease_id}:{i}" for i in range(2, slots + 1))] if slots > 0 else []
+        moment = time.monotonic()
+        allowance = Allowance(
+            limits=_limits(rule),
+            tokens=tokens if tokens >= 0 else None,
+            idle=ids[::-1],  # popped from the end: the lease id first
+            until=moment + self.allowance_seconds,
+            since=moment,
+            granted=max(tokens, 0),
+        )
+        self._allowances[tenant] = allowance
+        asyncio.get_running_loop().call_later(
+            self.allowance_seconds, self._expire, tenant, allowance
+        )
+        return allowance
+
+    def _held_lease(self, tenant: str, allowance: Allowance) -> _HeldLease:
+        self._held[tenant] = self._held.get(tenant, 0) + 1
+        return _HeldLease(self, tenant, allowance, allowance.take())
+
+    def _held_released(self, lease: _HeldLease) -> None:
+        tenant = lease.tenant
+        left = self._held.get(tenant, 1) - 1
+        if left > 0:
+            self._held[tenant] = left
+        else:
+            self._held.pop(tenant, None)
+        slot = lease.slot
+        if slot is not None and not lease.allowance.give_back(slot, time.monotonic()):
+            self._release(self._key(tenant, "leases"), slot)
+
+    def _expire(self, tenant: str, allowance: Allowance) -> None:
+        if self._allowances.get(tenant) is allowance:
+            del self._allowances[tenant]
+        self._hand_back(tenant, allowance)
+
+    def _hand_back(self, tenant: str, allowance: Allowance) -> None:
+        """What is left of a batch back to Redis, in the background: its idle slots out
+        of the lease set (retried like any release), its unused tokens to the bucket
+        (lost if Redis does not take them: fewer admitted, never more)."""
+        idle, tokens = allowance.retire()
+        for slot in idle:
+            self._release(self._key(tenant, "leases"), slot)
+        if tokens > 0:
+            bucket = self._key(tenant, "bucket")
+            self.state.enqueue(
+                "limit_release", lambda pipe: pipe.eval(RETURN_TOKENS, 1, bucket, tokens)
+            )
+
+    async def hand_back_all(self) -> None:
+        """Every batch held here back to Redis (at shutdown, before the last writes),
+        once the asks in flight (each within its deadline) have landed."""
+        await asyncio.gather(*self._renewals, return_exceptions=True)
+        for tenant, allowance in list(self._allowances.items()):
+            del self._allowances[tenant]
+            self._hand_back(tenant, allowance)
+
+    def _key(self, tenant: str, name: str) -> str:
+        return f"{self.state.prefix}limit:{tenant}:{name}"
+
     def _note_headroom(self, tenant: str, got: Any) -> None:
         left, held = float(_text(got[1])), int(got[2])
         self._headroom[tenant] = _Headroom(
@@ -251,6 +458,10 @@ class RedisLimiter:
     def _retry_releases(self) -> None:
         while self._unreleased:
             self._release(*self._unreleased.popleft())
+
+
+def _limits(rule: Rule) -> Limits:
+    return rule.max_concurrent_requests, rule.rate_limit_per_second, burst_size(rule)
 
 
 def _text(value: Any) -> str:
