@@ -30,7 +30,7 @@ from proxy.settings import Settings
 from proxy.shared_state.redis_limiter import RedisLimiter
 from proxy.shared_state.redis_state import RedisState
 from tests.conftest import auth
-from tests.deploy.redis_server import RedisServer
+from tests.deploy.redis_server import RedisServer, redis_server
 from tests.fakes import FakeUpstream
 from tests.proxy.test_limits import _with
 
@@ -46,10 +46,8 @@ def rule(**limits: Any) -> Rule:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
+    with redis_server(tmp_path) as server:
+        yield server
 
 
 @contextlib.asynccontextmanager
