@@ -29,7 +29,8 @@
    on facts-dev: labels no fold was fitted on), applied to each
    judged set; the same threshold on the recalibrated P (what the proxy does when a rule
    has both); and the threshold chosen from the 200 feedback labels themselves, applied
-   to the rest (not a proxy feature yet: the proxy chooses from the calibration's labels).
+   to the rest (what the proxy does once a tenant has sent ``recalibrate_min_labels``
+   labels: :func:`proxy.feedback_risk.choose_from_feedback`, the same test on the same P).
 6. Paired bootstrap intervals (answers resampled, 1000 draws) of each added input's
    change in AUROC, log loss and Brier against the shipped inputs.
 

@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 
 from proxy.decision_log import DecisionLog
 from proxy.errors import BadRequest, MethodNotAllowed, NotFound, ProxyError
+from proxy.feedback_risk import FeedbackRisk
 from proxy.metrics import Metrics
 from proxy.online_recalibration import OnlineRecalibration
 from proxy.pipeline import Pipeline
@@ -127,7 +128,12 @@ def create_app(
         upstreams = UpstreamPool(wire, env, metrics, caps)
         upstreams.rebuild(store.current.spec.upstreams)
         app.state.upstreams = upstreams
-        app.state.pipeline = Pipeline(upstreams, recorder, recalibration=recalibration)
+        app.state.pipeline = Pipeline(
+            upstreams,
+            recorder,
+            recalibration=recalibration,
+            feedback_risk=FeedbackRisk(recalibration.store),
+        )
         loop = asyncio.get_running_loop()
         watcher = None
         if settings.reload_interval_seconds > 0:

@@ -156,9 +156,7 @@ class OnlineRecalibration:
             info.labels(tenant, model, str(before.version)).set(0)
         if now is not None:
             info.labels(tenant, model, str(now.version)).set(1)
-        count = getattr(self.store, "count", None)
-        if callable(count):
-            self.metrics.recalibration_labels.labels(tenant, model).set(count(tenant, model))
+        self.metrics.recalibration_labels.labels(tenant, model).set(self.store.count(tenant, model))
 
     async def idle(self) -> None:
         """Wait for the refits in flight (tests; shutdown)."""

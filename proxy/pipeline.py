@@ -30,6 +30,7 @@ from proxy.confidence.question import question_of
 from proxy.confidence.recalibration import Recalibration
 from proxy.errors import UpstreamError
 from proxy.evidence import CallEvidence, from_response
+from proxy.feedback_risk import FeedbackRisk
 from proxy.judge import judge_call, shown_answer, skip_reason
 from proxy.online_recalibration import OnlineRecalibration, recalibration_model
 from proxy.protocol import Kind, choices_of, upstream_body
@@ -52,12 +53,16 @@ class Pipeline:
         recorder: Recorder,
         matchers: Matchers | None = None,
         recalibration: OnlineRecalibration | None = None,
+        feedback_risk: FeedbackRisk | None = None,
     ) -> None:
         self.upstreams = upstreams
         self.recorder = recorder
         self.matchers = matchers or Matchers()
         #: the maps learnt from feedback (issue 12.2); None: the calibrations as shipped
         self.recalibration = recalibration
+        #: target_error thresholds chosen from feedback (issue 12.3); None: from the
+        #: calibrations' validation labels only
+        self.feedback_risk = feedback_risk
 
     async def complete(self, call: Call) -> tuple[dict[str, Any], list[Verdict]]:
         """A non-streaming completion, judged and rewritten.
@@ -67,7 +72,7 @@ class Pipeline:
         client's wait (and a response that fails to go out is not counted as answered).
         """
         upstream, body = self._upstream_request(call)
-        call.recalibration = self.recalibration_for(call)
+        self._learnt(call)
         body.pop("stream", None)
         body.pop("stream_options", None)
         session = self._start_sampling(call, upstream, body)
@@ -102,7 +107,7 @@ class Pipeline:
         Errors before the first chunk raise here, so the client still gets a status code.
         """
         upstream, body = self._upstream_request(call)
-        call.recalibration = self.recalibration_for(call)
+        self._learnt(call)
         session = self._start_sampling(call, upstream, body)
         stream = UpstreamStream(self, call, upstream.stream(call.kind, body), session)
         try:
@@ -134,6 +139,16 @@ class Pipeline:
             return None
         name = recalibration_model(call.route.model, call.rule.granularity)
         return self.recalibration.current(call.tenant, name)
+
+    def _learnt(self, call: Call) -> None:
+        """What the tenant's feedback changes for this call, fixed when it starts: the map
+        that judges it and, for a ``target_error`` rule, the threshold."""
+        call.recalibration = self.recalibration_for(call)
+        if self.feedback_risk is not None and call.rule.risk is not None:
+            name = recalibration_model(call.route.model, call.rule.granularity)
+            call.rule = self.feedback_risk.rule_for(
+                call.rule, call.tenant, name, call.recalibration
+            )
 
     def _upstream_request(self, call: Call) -> tuple[Upstream, dict[str, Any]]:
         upstream = self.upstreams.get(call.route.upstream)

@@ -4,7 +4,7 @@
 exit) and :class:`FileStore` (one JSON Lines file per tenant and model in a directory,
 so it survives a restart). A shared store (Redis, for several replicas:
 :class:`proxy.shared_state.redis_recalibration.RedisRecalibrationStore`) implements the
-same five methods. :mod:`proxy.online_recalibration` turns feedback into labels and
+same six methods. :mod:`proxy.online_recalibration` turns feedback into labels and
 refits on top of a store.
 
 A label is the **shipped** calibration's P(correct) for the answer and whether it was
@@ -86,6 +86,10 @@ class RecalibrationStore(Protocol):
 
     def known(self) -> list[tuple[str, str]]:
         """Every (tenant, model) with labels or a map."""
+        ...
+
+    def count(self, tenant: str, model: str) -> int:
+        """How many labels (tenant, model) has, as far as this process knows (no I/O)."""
         ...
 
 
