@@ -45,6 +45,17 @@ def policy(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    """The recalibration directory: feedback labels and maps, kept across a restart."""
+    return tmp_path / "recal"
+
+
+@pytest.fixture
+def client(make_client: Callable[..., TestClient], policy: Path, store: Path) -> TestClient:
+    return make_client(policy=policy, recalibration_dir=store)
+
+
 def verdict(client: TestClient) -> tuple[str, dict[str, Any]]:
     r = client.post("/v1/chat/completions", json={"model": "sure", **CHAT})
     assert r.status_code == 200, r.text
@@ -60,6 +71,17 @@ def until(check: Callable[[], dict[str, Any] | None], seconds: float = 10.0) -> 
     return found
 
 
+def label(client: TestClient, rid: str, correct: bool) -> None:
+    r = client.post("/v1/feedback", json={"id": rid, "correct": correct})
+    assert r.status_code == 200, r.text
+
+
+def check_policy(policy: Path, store: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()
+    assert main(["check-policy", str(policy), "--recalibration-dir", str(store)]) == 0
+    return capsys.readouterr().out
+
+
 def from_feedback(client: TestClient) -> dict[str, Any] | None:
     """The verdict once its threshold was chosen from feedback (not while it is chosen)."""
     _, v = verdict(client)
@@ -69,12 +91,11 @@ def from_feedback(client: TestClient) -> dict[str, Any] | None:
 
 def test_enough_feedback_takes_the_threshold_over_and_a_restart_keeps_it(
     make_client: Callable[..., TestClient],
+    client: TestClient,
     policy: Path,
-    tmp_path: Path,
+    store: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    store = tmp_path / "recal"
-    client = make_client(policy=policy, recalibration_dir=store)
     _, before = verdict(client)
     assert before["risk"]["source"] == "validation"
     assert before["risk"]["threshold"] == 0.05 and before["decision"] == "answer"
@@ -83,10 +104,8 @@ def test_enough_feedback_takes_the_threshold_over_and_a_restart_keeps_it(
     for i in range(29):
         rid, v = verdict(client)
         assert v["risk"]["source"] == "validation"  # below the minimum: unchanged
-        r = client.post("/v1/feedback", json={"id": rid, "correct": i % 2 == 0})
-        assert r.status_code == 200, r.text
-    rid, _ = verdict(client)
-    assert client.post("/v1/feedback", json={"id": rid, "correct": False}).status_code == 200
+        label(client, rid, correct=i % 2 == 0)
+    label(client, verdict(client)[0], correct=False)
 
     after = until(lambda: from_feedback(client))
     assert after["risk"]["labels"] == 30
@@ -104,39 +123,27 @@ def test_enough_feedback_takes_the_threshold_over_and_a_restart_keeps_it(
     assert again["risk"]["threshold"] is None and again["risk"]["labels"] == 30
 
     # check-policy shows both: the calibration's choice and what the feedback says.
-    capsys.readouterr()
-    assert main(["check-policy", str(policy), "--recalibration-dir", str(store)]) == 0
-    out = capsys.readouterr().out
+    out = check_policy(policy, store, capsys)
     assert "target_error 0.2 at 90% -> threshold 0.05" in out  # the validation labels'
     assert "for tenant clinic: from feedback: no threshold keeps the error" in out
     assert "on 30 labelled answers" in out
 
 
 def test_check_policy_says_when_feedback_is_too_little_to_choose_from(
-    make_client: Callable[..., TestClient],
-    policy: Path,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
+    client: TestClient, policy: Path, store: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    store = tmp_path / "recal"
-    client = make_client(policy=policy, recalibration_dir=store)
     for _ in range(3):
-        rid, _ = verdict(client)
-        assert client.post("/v1/feedback", json={"id": rid, "correct": False}).status_code == 200
-    capsys.readouterr()
-    assert main(["check-policy", str(policy), "--recalibration-dir", str(store)]) == 0
-    out = capsys.readouterr().out
+        label(client, verdict(client)[0], correct=False)
+    out = check_policy(policy, store, capsys)
     assert "3 feedback labels, fewer than recalibrate_min_labels (30)" in out
     assert "from feedback:" not in out
 
 
 def test_feedback_that_supports_the_target_answers_at_the_threshold_it_chose(
-    make_client: Callable[..., TestClient], policy: Path, tmp_path: Path
+    client: TestClient,
 ) -> None:
-    client = make_client(policy=policy, recalibration_dir=tmp_path / "recal")
     for _ in range(40):
-        rid, _ = verdict(client)
-        assert client.post("/v1/feedback", json={"id": rid, "correct": True}).status_code == 200
+        label(client, verdict(client)[0], correct=True)
     after = until(lambda: from_feedback(client))
     # Chosen when the 30th label came: 30 of 30 right, a bound below 0.2 at every threshold.
     assert after["risk"]["labels"] == 30

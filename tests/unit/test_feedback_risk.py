@@ -49,6 +49,17 @@ async def fill(store: MemoryStore, labels: list[Label]) -> None:
         await store.add_label("clinic", "m", label)
 
 
+async def chosen(labels: list[Label]) -> tuple[FeedbackRisk, MemoryStore, Rule]:
+    """A FeedbackRisk over a store holding ``labels``, its first choice for the rule made."""
+    store = MemoryStore()
+    await fill(store, labels)
+    risk = FeedbackRisk(store)
+    rule = target_rule()
+    risk.rule_for(rule, "clinic", "m", None)
+    await risk.idle()
+    return risk, store, rule
+
+
 def test_fewer_labels_than_the_minimum_leave_the_calibrations_choice() -> None:
     async def main() -> None:
         store = MemoryStore()
@@ -89,12 +100,7 @@ def test_with_enough_labels_the_threshold_is_chosen_from_them() -> None:
 
 def test_on_the_recalibrated_scale_the_decisions_are_those_on_the_shipped_p() -> None:
     async def main() -> None:
-        store = MemoryStore()
-        await fill(store, labelled(600))
-        risk = FeedbackRisk(store)
-        rule = target_rule()
-        risk.rule_for(rule, "clinic", "m", None)
-        await risk.idle()
+        risk, _, rule = await chosen(labelled(600))
         recal = Recalibration(0.6, -0.8)
         judged = risk.rule_for(rule, "clinic", "m", recal)
         assert judged.risk is not None
@@ -108,13 +114,8 @@ def test_on_the_recalibrated_scale_the_decisions_are_those_on_the_shipped_p() ->
 
 def test_labels_that_support_no_threshold_refuse_every_answer() -> None:
     async def main() -> None:
-        store = MemoryStore()
         # Confident and wrong half of the time: no threshold keeps 20 %.
-        await fill(store, [Label(0.97, i % 2 == 0) for i in range(200)])
-        risk = FeedbackRisk(store)
-        rule = target_rule()
-        risk.rule_for(rule, "clinic", "m", None)
-        await risk.idle()
+        risk, _, rule = await chosen([Label(0.97, i % 2 == 0) for i in range(200)])
         judged = risk.rule_for(rule, "clinic", "m", None)
         assert judged.threshold == 1.0  # though the calibration's labels allowed 0.6
         assert judged.risk is not None and judged.risk["threshold"] is None
