@@ -1,6 +1,7 @@
 """Does online recalibration learn shifted traffic from 200 feedback labels? (issue 12.2)
 
     .venv/bin/python benchmarks/recalibration_eval.py [--generate] [--model-url URL] [--seeds 20]
+        [--prior 2] [--out DIR]
 
 For each set, every answer gets the shipped calibration's P(correct) (the policy's
 ``policies/calibration/gemma-3-270m.json``) and its grade. A seeded shuffle makes the
@@ -54,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -66,7 +68,7 @@ import numpy as np
 from proxy import local_model
 from proxy.confidence import selective
 from proxy.confidence.calibration import Calibration, load_calibration
-from proxy.confidence.recalibration import Recalibration, RecalibrationRule, refit
+from proxy.confidence.recalibration import DEFAULT_PRIOR, Recalibration, RecalibrationRule, refit
 from proxy.evaluation import claims, datasets, runner
 from proxy.evaluation.commands import DEFAULT_CACHE
 from proxy.evaluation.grading import MatchGrader
@@ -82,7 +84,7 @@ MODEL = local_model.MODEL_ALIAS
 FEEDBACK = 200
 THRESHOLDS = (0.5, 0.75)
 #: The policy's settings (policies/default.yaml).
-RULE = RecalibrationRule(min_labels=100, refit_every=25, holdout=0.3, prior_strength=2.0)
+RULE = RecalibrationRule(min_labels=100, refit_every=25, holdout=0.3, prior_strength=DEFAULT_PRIOR)
 #: The known distortions of the synthetic sets: the truth is sigmoid(a·logit(p) + b).
 DISTORTIONS = {"overconfident": (0.5, -0.8), "underconfident": (1.6, 0.4)}
 
@@ -266,14 +268,14 @@ def simulate(
     return result
 
 
-def summarise(data: Labelled, seeds: int) -> dict[str, Any]:
+def summarise(data: Labelled, seeds: int, rule: RecalibrationRule = RULE) -> dict[str, Any]:
     def labels(seed: int) -> np.ndarray:
         if data.truth is None:
             return data.correct
         draw = np.random.default_rng(10_000 + seed).uniform(size=data.truth.size)
         return (draw < data.truth).astype(float)
 
-    runs = [simulate(data.base, labels(s), s) for s in range(seeds)]
+    runs = [simulate(data.base, labels(s), s, rule) for s in range(seeds)]
     out: dict[str, Any] = {
         "set": data.name,
         "kind": data.kind,
@@ -361,6 +363,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-url", help="a running model server (with --generate)")
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument(
+        "--prior",
+        type=float,
+        default=RULE.prior_strength,
+        help="recalibrate_prior of the simulated refits (default: the policy's, %(default)s)",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the report goes")
+    parser.add_argument(
         "--min-answers",
         type=int,
         default=400,
@@ -405,11 +414,12 @@ def main(argv: list[str] | None = None) -> int:
             drawn = (np.random.default_rng(12).uniform(size=base.size) < truth).astype(float)
             sets.append(Labelled(f"{label}, {name}", "synthetic", base, drawn, truth))
 
-    rows = [summarise(s, args.seeds) for s in sets]
+    rule = dataclasses.replace(RULE, prior_strength=args.prior)
+    rows = [summarise(s, args.seeds, rule) for s in sets]
     lines = [
         f"Recalibration after {FEEDBACK} feedback labels ({args.seeds} shuffles; "
-        f"min_labels {RULE.min_labels}, refit_every {RULE.refit_every}, holdout "
-        f"{RULE.holdout}, prior {RULE.prior_strength}). Judged on the answers no fit saw.",
+        f"min_labels {rule.min_labels}, refit_every {rule.refit_every}, holdout "
+        f"{rule.holdout}, prior {rule.prior_strength:g}). Judged on the answers no fit saw.",
         "In the sentence rows an answer is one sentence, and 'questions' counts distinct "
         "sentences.",
         "",
@@ -418,9 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         *targets(rows),
     ]
     print("\n".join(lines))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "recalibration.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / "recalibration.json").write_text(json.dumps(rows, indent=2) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "recalibration.md").write_text("\n".join(lines) + "\n")
+    (args.out / "recalibration.json").write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Fit on one set, judge on others: do the answer-text inputs survive a shift? (issue 12.4-5)
 
-    .venv/bin/python benchmarks/shift_eval.py [--model-url URL] [--seeds 20]
+    .venv/bin/python benchmarks/shift_eval.py [--model-url URL] [--seeds 20] [--prior 2]
 
 1. Reads the reference model's answers (Gemma 3 270M, started here unless
    ``--model-url`` names a running one; answers cached under ~/.cache/abstain/generations,
@@ -41,6 +41,7 @@ the numbers to ``shift.json``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -57,10 +58,10 @@ if __package__ in (None, ""):
 
 from benchmarks import calibration_eval, recalibration_eval
 from proxy import local_model
-from proxy.confidence import fitting, selective
+from proxy.confidence import fitting, recalibration, selective
 from proxy.confidence.calibration import load_calibration
 from proxy.confidence.features import LOGISTIC_FEATURES, TEXT_SCORES
-from proxy.confidence.recalibration import Recalibration
+from proxy.confidence.recalibration import Recalibration, RecalibrationRule
 from proxy.confidence.risk_control import RiskChoice, choose_threshold
 from proxy.evaluation import datasets
 from proxy.evaluation.calibrate import Labelled
@@ -192,17 +193,28 @@ def _outcome(p: np.ndarray, y: np.ndarray, ids: np.ndarray, t: float | None) -> 
 
 
 def with_feedback(
-    p: np.ndarray, y: np.ndarray, seeds: int, in_domain: RiskChoice
+    p: np.ndarray,
+    y: np.ndarray,
+    seeds: int,
+    in_domain: RiskChoice,
+    rule: RecalibrationRule = recalibration_eval.RULE,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(recalibrated after 200 labels, target_error with and after feedback), per shuffle
     through the proxy's refit rule, pooled over the shuffles."""
-    runs = [recalibration_eval.simulate(p, y, seed) for seed in range(seeds)]
+    runs = [recalibration_eval.simulate(p, y, seed, rule) for seed in range(seeds)]
+    # The ceiling of a two-parameter map: fitted on every answer of the set (no prior,
+    # in sample), judged on each shuffle's rest like the map learnt from 200 labels.
+    best = Recalibration(*recalibration.fit(p, y, prior_strength=0.0))
+    best_eces = [selective.ece(best.apply(p[rest]), y[rest], BINS)
+                 for rest in (_split(p.size, seed)[1] for seed in range(seeds))]  # fmt: skip
     recal: dict[str, Any] = {
         "n_rest": runs[0]["n_rest"],
         "seeds": seeds,
         "swapped_runs": sum(1 for r in runs if r["swaps"]),
         "ece": float(np.mean([r["ece_recal"] for r in runs])),
         "floor": float(np.mean([r["floor_recal"] for r in runs])),
+        "ece_best_map": float(np.mean(best_eces)),
+        "best_map": [best.slope, best.intercept],
     }
     for t in THRESHOLDS:
         parts = [
@@ -295,16 +307,17 @@ def table_plain(rows: Sequence[dict[str, Any]]) -> list[str]:
 def table_recal(rows: Sequence[dict[str, Any]], seeds: int) -> list[str]:
     lines = [
         f"| judged on | inputs | answers judged ({seeds} shuffles × rest) | swapped "
-        "| ECE (floor) | wrong among answered, t = 0.5 | coverage | score "
+        "| ECE (floor) | ECE, best map | wrong among answered, t = 0.5 | coverage | score "
         "| wrong among answered, t = 0.75 | coverage | score |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         m = r.get("recal")
         if m is None:
             continue
         cells = [r["set"], r["inputs"], f"{seeds} × {m['n_rest']}",
-                 f"{m['swapped_runs']}/{seeds}", f"{_f(m['ece'])} ({_f(m['floor'])})"]  # fmt: skip
+                 f"{m['swapped_runs']}/{seeds}", f"{_f(m['ece'])} ({_f(m['floor'])})",
+                 _f(m["ece_best_map"])]  # fmt: skip
         for t in THRESHOLDS:
             c = m[f"t{t}"]
             cells += [_risk(c), f"{c['coverage']:.1%}", _f(c["score"], signed=True)]
@@ -386,7 +399,12 @@ def _target_at(choice: RiskChoice, p: np.ndarray, y: np.ndarray) -> dict[str, An
     }
 
 
-def run(fit: Labelled, judged: Mapping[str, Labelled], seeds: int) -> list[dict[str, Any]]:
+def run(
+    fit: Labelled,
+    judged: Mapping[str, Labelled],
+    seeds: int,
+    rule: RecalibrationRule = recalibration_eval.RULE,
+) -> list[dict[str, Any]]:
     X_fit, y_fit = _matrix(fit)
     sets = {name: _matrix(data) for name, data in judged.items()}
     rows: list[dict[str, Any]] = []
@@ -422,7 +440,7 @@ def run(fit: Labelled, judged: Mapping[str, Labelled], seeds: int) -> list[dict[
         base_p = None
         for label, names in INPUTS.items():
             p = fitting.predict(fitted[label], names, _columns(X_all, names))
-            recal, target = with_feedback(p, y, seeds, choices[label])
+            recal, target = with_feedback(p, y, seeds, choices[label], rule)
             row = {
                 "set": set_name,
                 "inputs": label,
@@ -451,7 +469,12 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def report(rows: Sequence[dict[str, Any]], seeds: int, fit: Labelled) -> list[str]:
+def report(
+    rows: Sequence[dict[str, Any]],
+    seeds: int,
+    fit: Labelled,
+    rule: RecalibrationRule = recalibration_eval.RULE,
+) -> list[str]:
     weights = [
         f"- {r['inputs']}: " + ", ".join(f"{n} {w:+.2f}" for n, w in r["weights"].items())
         for r in rows
@@ -471,9 +494,11 @@ def report(rows: Sequence[dict[str, Any]], seeds: int, fit: Labelled) -> list[st
         *table_plain(rows),
         "",
         f"B. After feedback recalibration: {FEEDBACK} labels of the judged set through the "
-        f"proxy's refit rule (min_labels {recalibration_eval.RULE.min_labels}, refit_every "
-        f"{recalibration_eval.RULE.refit_every}, swap on held-out log loss), judged on the "
-        f"rest; {seeds} shuffles, counts pooled (answers, distinct questions).",
+        f"proxy's refit rule (min_labels {rule.min_labels}, refit_every "
+        f"{rule.refit_every}, prior {rule.prior_strength:g}, swap on held-out log loss), "
+        f"judged on the rest; {seeds} shuffles, counts pooled (answers, distinct questions). "
+        "'ECE, best map': the ceiling of a two-parameter recalibration, the map fitted "
+        "without a prior on every answer of the set (in sample), judged on the same rests.",
         "",
         *table_recal(rows, seeds),
         "",
@@ -496,6 +521,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-url", help="a running reference model (default: start one)")
     parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument(
+        "--prior",
+        type=float,
+        default=recalibration_eval.RULE.prior_strength,
+        help="recalibrate_prior of the simulated refits (default: the policy's, %(default)s)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     with local_model.serving(args.model_url) as url:
@@ -504,8 +535,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             label: calibration_eval._asked(datasets.resolve(name), url, template)
             for name, template, label in JUDGED
         }
-    rows = run(fit, judged, args.seeds)
-    lines = report(rows, args.seeds, fit)
+    rule = dataclasses.replace(recalibration_eval.RULE, prior_strength=args.prior)
+    rows = run(fit, judged, args.seeds, rule)
+    lines = report(rows, args.seeds, fit, rule)
     print("\n".join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "shift.md").write_text("\n".join(lines) + "\n", encoding="utf-8")

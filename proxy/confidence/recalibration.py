@@ -63,7 +63,7 @@ Array = npt.NDArray[np.float64]
 
 #: Probabilities are kept this far from 0 and 1: in the logit, and in what r returns.
 EPS = 1e-6
-#: λ of the prior centred on the identity (benchmarks/recalibration_eval.py chose it)
+#: λ of the prior centred on the identity (benchmarks/recalibration_eval.py, --prior to compare)
 DEFAULT_PRIOR = 2.0
 #: a candidate must beat the current map on held-out labels by this many standard errors
 DEFAULT_MARGIN_SE = 1.0

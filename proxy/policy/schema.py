@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from proxy.confidence.features import AGREEMENT_SCORES, LOGPROB_SCORES
+from proxy.confidence.recalibration import DEFAULT_PRIOR
 
 Action = Literal["abstain", "hedge", "annotate"]
 Method = Literal["logprobs", "consistency", "hybrid", "none"]
@@ -215,7 +216,7 @@ class Defaults(RuleFields):
     recalibrate_min_labels: int | None = Field(100, ge=20, le=1_000_000)
     recalibrate_every: int | None = Field(25, ge=1, le=1_000_000)
     recalibrate_holdout: float | None = Field(0.3, ge=0.1, le=0.5)
-    recalibrate_prior: float | None = Field(2.0, ge=0.0, le=10_000.0)
+    recalibrate_prior: float | None = Field(DEFAULT_PRIOR, ge=0.0, le=10_000.0)
     recalibrate_window: int | None = Field(2000, ge=20, le=1_000_000)
     consistency_score: str | None = "agreement"
     samples: int | None = Field(8, ge=1, le=64)
