@@ -205,27 +205,55 @@ def predict(calibrator: Calibrator, names: Sequence[str], X: Array) -> Array:
     return out
 
 
-def stratified_folds(labels: npt.ArrayLike, k: int, seed: int = 0) -> list[npt.NDArray[np.intp]]:
-    """Indices of ``k`` test folds, each with about the same share of right answers."""
+def stratified_folds(
+    labels: npt.ArrayLike, k: int, seed: int = 0, groups: npt.ArrayLike | None = None
+) -> list[npt.NDArray[np.intp]]:
+    """Indices of ``k`` test folds, each with about the same share of right answers.
+
+    With ``groups`` (one id per row), the rows of a group stay in one fold: the sentences
+    of one answer are not independent (one hesitant answer makes all of them unsure), and
+    a fold that shares answers with its training rows would judge the fit optimistically.
+    The groups are then dealt out, those with a right row first, like rows without them.
+    """
     y = np.asarray(labels).ravel()
     rng = np.random.default_rng(seed)
     folds: list[list[int]] = [[] for _ in range(k)]
+    if groups is None:
+        units = [[int(i)] for i in range(y.size)]
+    else:
+        ids = np.asarray(groups).ravel()
+        if ids.size != y.size:
+            raise ValueError("groups and labels differ in length")
+        members: dict[object, list[int]] = {}
+        for i, g in enumerate(ids.tolist()):
+            members.setdefault(g, []).append(i)
+        units = list(members.values())
     offset = 0
     for cls in (1, 0):
-        idx = rng.permutation(np.nonzero(y == cls)[0])
-        for j, i in enumerate(idx):
-            folds[(j + offset) % k].append(int(i))
-        offset += len(idx)
+        # A unit is dealt with the right answers when any of its rows is right.
+        stratum = [u for u in units if bool(y[u].max() == 1) == (cls == 1)]
+        for j, pick in enumerate(rng.permutation(len(stratum))):
+            folds[(j + offset) % k].extend(stratum[int(pick)])
+        offset += len(stratum)
     return [np.sort(np.array(f, dtype=np.intp)) for f in folds]
 
 
 Fit = Callable[[Array, Array], Calibrator]
 
 
-def cross_validate(X: Array, y: Array, names: Sequence[str], fit: Fit, k: int, seed: int) -> Array:
-    """Out-of-fold P(correct) for every row: each fold predicted by a fit on the others."""
+def cross_validate(
+    X: Array,
+    y: Array,
+    names: Sequence[str],
+    fit: Fit,
+    k: int,
+    seed: int,
+    groups: npt.ArrayLike | None = None,
+) -> Array:
+    """Out-of-fold P(correct) for every row: each fold predicted by a fit on the others
+    (a group's rows all in one fold, with ``groups``)."""
     out = np.full(y.size, np.nan)
-    for test in stratified_folds(y, k, seed):
+    for test in stratified_folds(y, k, seed, groups):
         train = np.setdiff1d(np.arange(y.size), test)
         out[test] = predict(fit(X[train], y[train]), names, X[test])
     return out
@@ -293,17 +321,20 @@ def candidate(
     folds: int = 5,
     seed: int = 0,
     ece_bins: int = 10,
+    groups: npt.ArrayLike | None = None,
 ) -> tuple[Candidate, Calibrator]:
     """Cross-validate one calibrator kind on ``names``, then refit it on every row.
 
     Rows missing any of the named scores are left out (the proxy cannot judge them either).
+    ``groups``: rows that must share a fold (the sentences of one answer).
     """
     X = np.column_stack([np.asarray(features[n], dtype=np.float64) for n in names])
     y = np.asarray(labels, dtype=np.float64).ravel()
     keep = ~np.isnan(X).any(axis=1)
     X, y = X[keep], y[keep]
+    kept = None if groups is None else np.asarray(groups).ravel()[keep]
     fit = fitter(kind, names)
-    oof = cross_validate(X, y, names, fit, folds, seed)
+    oof = cross_validate(X, y, names, fit, folds, seed, kept)
     # The proxy's own mapping without a calibration: what a rule without one would say.
     raw = np.array([uncalibrated(names[0], float(v)) for v in X[:, 0]], dtype=np.float64)
     cand = Candidate(
@@ -328,11 +359,12 @@ def select(
     seed: int = 0,
     ece_bins: int = 10,
     logistic_features: Sequence[str] | None = None,
+    groups: npt.ArrayLike | None = None,
 ) -> list[tuple[Candidate, Calibrator]]:
     """Every candidate, best first by held-out ``criterion`` (``brier`` or ``log_loss``).
 
     ``logistic`` in ``kinds`` adds one multi-score candidate over ``logistic_features``
-    (default: all ``scores``).
+    (default: all ``scores``). ``groups``: see :func:`candidate`.
     """
     if criterion not in ("log_loss", "brier"):
         raise ValueError("criterion must be log_loss or brier")
@@ -340,11 +372,18 @@ def select(
     combined = [f for f in (logistic_features or scores) if f in features]
     out = []
     for kind in kinds:
-        groups = [combined] if kind == "logistic" else [[s] for s in present]
-        for names in groups:
+        inputs = [combined] if kind == "logistic" else [[s] for s in present]
+        for names in inputs:
             out.append(
                 candidate(
-                    kind, features, labels, names=names, folds=folds, seed=seed, ece_bins=ece_bins
+                    kind,
+                    features,
+                    labels,
+                    names=names,
+                    folds=folds,
+                    seed=seed,
+                    ece_bins=ece_bins,
+                    groups=groups,
                 )
             )
     out.sort(key=lambda pair: pair[0].criterion(criterion))

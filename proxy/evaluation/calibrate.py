@@ -46,6 +46,9 @@ class Labelled:
     features: dict[str, Array]
     correct: Array
     failed: int = 0  # questions whose request failed (left out)
+    #: rows that are parts of one answer share an id (sentences: the question's), so that
+    #: cross-validation keeps them in one fold; None: every row its own answer
+    groups: npt.NDArray[Any] | None = None
 
     @property
     def n(self) -> int:
@@ -155,9 +158,17 @@ def fit_hybrid(
     adds, and a hybrid that does no better than a half says the samples (or the matcher)
     carry little the other half lacks.
     """
-    options = {"folds": folds, "seed": seed, "ece_bins": ece_bins}
     return [
-        candidate("logistic", data.features, data.correct, names=names, **options)
+        candidate(
+            "logistic",
+            data.features,
+            data.correct,
+            names=names,
+            folds=folds,
+            seed=seed,
+            ece_bins=ece_bins,
+            groups=data.groups,
+        )
         for names in (HYBRID_FEATURES, LOGPROB_FEATURES, AGREEMENT_FEATURES)
     ]
 
@@ -212,6 +223,7 @@ def fit_method(
         seed=seed,
         ece_bins=ece_bins,
         logistic_features=combined,
+        groups=data.groups,
     )
 
 

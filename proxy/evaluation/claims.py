@@ -297,7 +297,9 @@ def labelled(labels: Sequence[SentenceLabel]) -> Labelled:
         n: np.array([lab.scores.get(n, np.nan) for lab in labels], dtype=np.float64) for n in names
     }
     correct = np.array([1.0 if lab.correct else 0.0 for lab in labels], dtype=np.float64)
-    return Labelled(columns, correct)
+    # A question's sentences are one answer's: cross-validation keeps them together.
+    groups = np.array([lab.question for lab in labels], dtype=object)
+    return Labelled(columns, correct, groups=groups)
 
 
 def label(

@@ -209,7 +209,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         except OSError as exc:
             return _fail(f"{args.from_log}: {exc.strerror}")
         print("decision log: " + ", ".join(f"{k} {v}" for k, v in sorted(logged.counts.items())))
-        data = Labelled(logged.features, logged.correct)
+        data = Labelled(logged.features, logged.correct, groups=logged.groups)
         model = args.model or (logged.models.most_common(1)[0][0] if logged.models else None)
         if args.method is None and logged.methods:
             method = logged.methods.most_common(1)[0][0]

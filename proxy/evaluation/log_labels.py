@@ -36,6 +36,8 @@ class LoggedLabels:
 
     features: dict[str, npt.NDArray[np.float64]]
     correct: npt.NDArray[np.float64]
+    #: each row's response and choice, so that one answer's sentences share a fold
+    groups: npt.NDArray[np.object_] | None = None
     models: Counter[str] = field(default_factory=Counter)
     methods: Counter[str] = field(default_factory=Counter)
     counts: Counter[str] = field(default_factory=Counter)
@@ -94,9 +96,10 @@ def parse_log(
         for n in names
     }
     correct = np.array([1.0 if verdicts[key] else 0.0 for key, _, _ in joined])
+    groups = np.array([f"{key[0]}#{key[1]}" for key, _, _ in joined], dtype=object)
     models = Counter(record.model for _, record, _ in joined)
     methods = Counter(record.method for _, record, _ in joined)
-    return LoggedLabels(features, correct, models, methods, counts)
+    return LoggedLabels(features, correct, groups, models, methods, counts)
 
 
 def _num(value: Any) -> float:

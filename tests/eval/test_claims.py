@@ -206,6 +206,8 @@ def test_label_all_counts_one_sentence_per_claim_and_scores_each_sentence() -> N
     assert stats.failed == 1 and stats.sentences == 3 and stats.one_per_claim == 1
     data, _ = claims.label([GHANA, other], [gen, failed], GRADER, template, "m")
     assert data.n == 3 and data.failed == 1 and list(data.correct) == [1.0, 0.0, 0.0]
+    # One answer's sentences: cross-validation keeps them in one fold.
+    assert data.groups is not None and list(data.groups) == [GHANA.id] * 3
 
 
 def test_the_comparison_contexts_score_more_of_the_sentence() -> None:

@@ -134,3 +134,29 @@ def test_a_sentences_feedback_is_no_label_of_the_whole_answer() -> None:
     got = parse_log([json.dumps(decision), json.dumps(feedback)], model="m")
     assert got.correct.tolist() == []
     assert (got.counts["sentence_feedback"], got.counts["unlabelled"]) == (1, 1)
+
+
+def test_sentence_labels_from_the_log_are_grouped_by_answer() -> None:
+    parts = [{"min_logprob": -0.1}, {"min_logprob": -2.0}]
+    lines = [
+        json.dumps(
+            {
+                "type": "decision",
+                "id": i,
+                "choice": 0,
+                "model": "m",
+                "scores": {},
+                "sentence_scores": parts,
+            }
+        )
+        for i in ("a", "b")
+    ]
+    lines += [
+        json.dumps({"type": "feedback", "id": i, "choice": 0, "sentence": k, "correct": k == 0})
+        for i in ("a", "b")
+        for k in (0, 1)
+    ]
+    got = parse_log(lines, model="m", sentences=True)
+    assert got.correct.tolist() == [1.0, 0.0, 1.0, 0.0]
+    # Cross-validation keeps an answer's sentences in one fold.
+    assert got.groups is not None and got.groups.tolist() == ["a#0", "a#0", "b#0", "b#0"]

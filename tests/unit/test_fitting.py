@@ -116,6 +116,45 @@ def test_stratified_folds_partition_and_balance() -> None:
     assert [int(y[fold].sum()) for fold in folds] == [2] * 5
 
 
+def test_grouped_folds_keep_each_answers_rows_together_and_balance_groups() -> None:
+    # 30 answers of 3 sentences; answers 0-9 have a right sentence.
+    groups = np.repeat([f"q{i}" for i in range(30)], 3)
+    y = np.zeros(90)
+    y[[3 * i for i in range(10)]] = 1.0
+    folds = f.stratified_folds(y, 5, seed=2, groups=groups)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(90))
+    for fold in folds:
+        in_fold = set(groups[fold].tolist())
+        assert len(fold) == 3 * len(in_fold)  # no answer split across folds
+        assert len(in_fold) == 6
+        assert int(y[fold].sum()) == 2  # the answers with a right sentence, dealt evenly
+    with pytest.raises(ValueError):
+        f.stratified_folds(y, 5, groups=groups[:-1])
+
+
+def test_grouped_cross_validation_does_not_learn_an_answer_from_its_own_sentences() -> None:
+    # Each answer's 3 sentences share one random score and one random label: nothing is
+    # learnable across answers. A flexible fitter (nearest neighbour) shows the leak: a
+    # fold holding out one sentence while training on its twins learns that answer.
+    def nearest(X: np.ndarray, labels: np.ndarray) -> Calibrator:
+        def calibrator(features: dict[str, float]) -> float:
+            return float(labels[np.argmin(np.abs(X[:, 0] - features["s"]))])
+
+        return calibrator  # type: ignore[return-value]
+
+    leaky, honest = [], []
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        groups = np.repeat(np.arange(200), 3)
+        score = np.repeat(rng.normal(size=200), 3)
+        y = np.repeat((rng.random(200) < 0.5).astype(float), 3)
+        X = score[:, None]
+        leaky.append(np.mean(f.cross_validate(X, y, ["s"], nearest, 5, 0) == y))
+        honest.append(np.mean(f.cross_validate(X, y, ["s"], nearest, 5, 0, groups) == y))
+    assert min(leaky) > 0.95  # the twins give the labels away
+    assert abs(np.mean(honest) - 0.5) < 0.05  # 1,000 answers: chance, as it should be
+
+
 def test_cross_validation_never_predicts_a_row_it_was_fitted_on() -> None:
     X = np.arange(20, dtype=float)[:, None]
     y = np.array([0, 1] * 10, dtype=float)
