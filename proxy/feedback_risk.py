@@ -41,13 +41,14 @@ from proxy.recalibration_store import Label, RecalibrationStore
 
 log = logging.getLogger("abstain.recalibration")
 
-#: (tenant, model as stored, target error, confidence, window)
-_Key = tuple[str, str, float, float, int]
+#: (tenant, model as stored, target error, confidence, window, min_labels)
+_Key = tuple[str, str, float, float, int, int]
 
 
 @dataclass(frozen=True, slots=True)
 class _Chosen:
-    choice: RiskChoice
+    #: None: fewer labels than the minimum could be read (a shared store that lost them)
+    choice: RiskChoice | None
     #: the store's label count the choice was computed at
     count: int
 
@@ -79,9 +80,9 @@ class FeedbackRisk:
         if count < settings.min_labels:
             return None
         key = (tenant, model, float(target["target_error"]), float(target["confidence"]),
-               settings.window)  # fmt: skip
+               settings.window, settings.min_labels)  # fmt: skip
         chosen = self._chosen.get(key)
-        if (chosen is None or count - chosen.count >= settings.refit_every) and (
+        if (chosen is None or abs(count - chosen.count) >= settings.refit_every) and (
             key not in self._computing
         ):
             self._computing.add(key)
@@ -113,12 +114,14 @@ class FeedbackRisk:
         return judged
 
     async def _compute(self, key: _Key) -> None:
-        tenant, model, target, confidence, window = key
+        tenant, model, target, confidence, window, min_labels = key
         try:
             labels = await self.store.labels(tenant, model, limit=window)
-            choice = await asyncio.to_thread(
-                choose_from_feedback, labels, target, confidence, tenant, model
-            )
+            choice = None
+            if len(labels) >= min_labels:  # else the count was stale: the calibration decides
+                choice = await asyncio.to_thread(
+                    choose_from_feedback, labels, target, confidence, tenant, model
+                )
             self._chosen[key] = _Chosen(choice, self.store.count(tenant, model))
         except Exception:  # the previous choice (or the refusal) stays in force
             log.exception("choosing a target_error threshold from feedback failed (%s)", key)
@@ -146,7 +149,7 @@ def choose_from_feedback(
 
 
 def _pending(key: _Key, count: int) -> RiskChoice:
-    tenant, model, target, confidence, _ = key
+    tenant, model, target, confidence, _, _ = key
     return RiskChoice(
         threshold=None,
         target_error=target,

@@ -184,12 +184,14 @@ class RedisRecalibrationStore:
         self._prefix = prefix
         self._maps_key = prefix + "maps"
         self._epoch_key = prefix + "epoch"
+        #: every (tenant, model) that has labels, so a pod that stores none learns the counts
+        self._index_key = prefix + "keys"
         #: the maps in service as last read from (or written to) Redis: what current() reads
         self._maps: dict[_Key, Recalibration] = {}
         #: the epoch token the copy was loaded at; reloaded when Redis holds another
         self._epoch: bytes | None = None
         self._loaded = False
-        #: keys this process stored labels for, and the shared count Redis last gave
+        #: the shared label count of each key, as Redis last gave it (a flush or a poll)
         self._counts: dict[_Key, int] = {}
         #: labels Redis could not take yet, oldest first
         self._pending: list[tuple[_Key, bytes]] = []
@@ -298,12 +300,14 @@ class RedisRecalibrationStore:
             log.warning("recalibration: %d label(s) not stored at exit", len(self._pending))
 
     async def refresh(self) -> None:
-        """One poll: send the pending labels, then reload the maps if the epoch moved.
+        """One poll: send the pending labels, read every key's label count, then reload
+        the maps if the epoch moved.
 
         Raises :class:`SharedStateUnavailable` at the first call that fails (counted).
         """
         if self._pending:
             await self._flush()
+        await self._refresh_counts()
         token: bytes | None = await self.state.run(
             "recalibration_refresh", lambda client: client.get(self._epoch_key)
         )
@@ -333,6 +337,22 @@ class RedisRecalibrationStore:
             if there is None or there.version < mine.version:
                 await self._restore(key, mine)
         self._epoch, self._loaded = token, True
+
+    async def _refresh_counts(self) -> None:
+        """The shared label counts of every key with labels, from any pod: what
+        :meth:`count` answers (a target_error threshold from feedback reads it)."""
+        names: set[bytes] = await self.state.run(
+            "recalibration_refresh", lambda client: client.smembers(self._index_key)
+        )
+        keys = [key for key in map(_key_of, sorted(names)) if key is not None]
+        if not keys:
+            return
+        counts: list[bytes | None] = await self.state.run(
+            "recalibration_refresh",
+            lambda client: client.mget([self._keys(*key)[1] for key in keys]),
+        )
+        for key, value in zip(keys, counts, strict=True):
+            self._counts[key] = int(value or 0)
 
     async def _poll(self) -> None:
         while True:
@@ -407,6 +427,7 @@ class RedisRecalibrationStore:
                     pipe.lpush(labels, *records)
                     pipe.ltrim(labels, 0, cap - 1)
                     pipe.incrby(count, len(records))
+                    pipe.sadd(self._index_key, _field(tenant, model))
                 replies: list[Any] = await pipe.execute()
                 return replies
 
@@ -417,7 +438,7 @@ class RedisRecalibrationStore:
             self._bound()
             raise
         for i, key in enumerate(grouped):
-            self._counts[key] = int(replies[3 * i + 2])
+            self._counts[key] = int(replies[4 * i + 2])
 
     def _bound(self) -> None:
         over = len(self._pending) - self.pending_max

@@ -289,3 +289,44 @@ def test_writing_a_map_back_never_replaces_a_newer_one(tmp_path: Path) -> None:
         client.hset(keys[0], "t:m", b"not json")  # an unreadable map counts as none
         assert restore(keys=keys, args=["t:m", 1, stored(1), "e5"]) == 1
         client.close()
+
+
+def test_both_pods_choose_the_same_target_error_threshold_from_the_shared_labels(
+    tmp_path: Path,
+) -> None:
+    import dataclasses
+
+    from proxy.confidence.recalibration import RecalibrationRule
+    from proxy.feedback_risk import FeedbackRisk, choose_from_feedback
+    from proxy.policy.loading import parse_policy
+    from tests.unit.test_feedback_risk import FROM_CALIBRATION, POLICY
+
+    rule = dataclasses.replace(
+        parse_policy(POLICY).rule(None, "plain"),
+        risk=FROM_CALIBRATION,
+        recalibrate=RecalibrationRule(min_labels=40, refit_every=10),
+    )
+
+    async def main(url: str) -> None:
+        async with pod(url) as a, pod(url) as b:
+            for i in range(60):  # all through pod a: b learns the count from Redis
+                await a.add_label("t", "m", Label(0.9 if i % 3 else 0.2, i % 3 != 0))
+            risks = FeedbackRisk(a), FeedbackRisk(b)
+
+            async def chosen(risk: FeedbackRisk) -> bool:
+                choice = risk.choice("t", "m", rule)
+                await risk.idle()
+                return choice is not None and "being chosen" not in choice.source
+
+            for risk in risks:
+                await eventually(lambda risk=risk: chosen(risk))
+            labels = await b.labels("t", "m")
+            expected = choose_from_feedback(labels, 0.2, 0.9, "t", "m")
+            assert expected.threshold is not None
+            for risk in risks:
+                got = risk.choice("t", "m", rule)
+                assert got is not None and got.threshold == expected.threshold
+                assert got.labels == 60
+
+    with redis_server(tmp_path) as server:
+        asyncio.run(main(server.url))

@@ -166,3 +166,22 @@ def test_a_rule_without_a_target_or_without_recalibration_is_left_alone() -> Non
         assert risk.rule_for(no_recal, "clinic", "m", None) is no_recal
 
     asyncio.run(main())
+
+
+def test_a_count_the_labels_do_not_back_leaves_the_calibrations_choice() -> None:
+    class Stale(MemoryStore):
+        """A shared store whose count outlived its labels (a Redis restarted empty)."""
+
+        def count(self, tenant: str, model: str) -> int:
+            return 500
+
+    async def main() -> None:
+        store = Stale()
+        await fill(store, labelled(10))
+        risk = FeedbackRisk(store)
+        rule = target_rule()
+        assert risk.rule_for(rule, "clinic", "m", None).threshold == 1.0  # being chosen
+        await risk.idle()
+        assert risk.rule_for(rule, "clinic", "m", None) is rule  # 10 labels: too few
+
+    asyncio.run(main())

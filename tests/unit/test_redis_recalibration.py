@@ -37,6 +37,7 @@ class FakeClient:
         self.down = False
         self.script_reply: Any = [1, b""]
         self.counts: dict[str, int] = {}
+        self.index: set[bytes] = set()
 
     def _call(self, name: str) -> None:
         self.calls.append(name)
@@ -57,6 +58,14 @@ class FakeClient:
     async def hgetall(self, _key: str) -> dict[bytes, bytes]:
         self._call("hgetall")
         return {}
+
+    async def smembers(self, _key: str) -> set[bytes]:
+        self._call("smembers")
+        return set(self.index)
+
+    async def mget(self, keys: list[str]) -> list[bytes | None]:
+        self._call("mget")
+        return [str(self.counts[k]).encode() if k in self.counts else None for k in keys]
 
     def pipeline(self, transaction: bool = True) -> FakePipeline:
         return FakePipeline(self)
@@ -84,6 +93,10 @@ class FakePipeline:
 
     def incrby(self, key: str, n: int) -> None:
         self.replies.append((key, n))
+
+    def sadd(self, _key: str, member: str) -> None:
+        self.client.index.add(member.encode())
+        self.replies.append(1)
 
     async def execute(self) -> list[Any]:
         self.client._call("exec")  # all or nothing, like MULTI/EXEC
