@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -19,13 +20,16 @@ import orjson
 import redis
 from prometheus_client import CollectorRegistry
 
-from proxy.confidence.recalibration import Recalibration
+from proxy.confidence.recalibration import Recalibration, RecalibrationRule
+from proxy.feedback_risk import FeedbackRisk, choose_from_feedback
 from proxy.metrics import Metrics
+from proxy.policy.loading import parse_policy
 from proxy.recalibration_store import Label
 from proxy.shared_state.memory import SharedStateUnavailable
 from proxy.shared_state.redis_recalibration import RESTORE, RedisRecalibrationStore
 from proxy.shared_state.redis_state import RedisState
 from tests.deploy.redis_server import RedisServer, redis_server
+from tests.unit.test_feedback_risk import FROM_CALIBRATION, POLICY
 
 MAP_1 = Recalibration(0.5, -2.0, version=1, n=20, fitted_at="2026-12-01T10:00:00Z")
 
@@ -294,13 +298,6 @@ def test_writing_a_map_back_never_replaces_a_newer_one(tmp_path: Path) -> None:
 def test_both_pods_choose_the_same_target_error_threshold_from_the_shared_labels(
     tmp_path: Path,
 ) -> None:
-    import dataclasses
-
-    from proxy.confidence.recalibration import RecalibrationRule
-    from proxy.feedback_risk import FeedbackRisk, choose_from_feedback
-    from proxy.policy.loading import parse_policy
-    from tests.unit.test_feedback_risk import FROM_CALIBRATION, POLICY
-
     rule = dataclasses.replace(
         parse_policy(POLICY).rule(None, "plain"),
         risk=FROM_CALIBRATION,
