@@ -20,15 +20,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from proxy import local_model
 from proxy.gc_tuning import tune_for_serving
 from proxy.policy.loading import PolicyError, load_policy
 from proxy.settings import Settings
-
-if TYPE_CHECKING:
-    from proxy.policy.rules import Policy
 
 DEFAULT_POLICY = Path("policies/default.yaml")
 
@@ -114,58 +111,14 @@ def cmd_check_policy(args: argparse.Namespace) -> int:
     for line in policy.risk_report():
         print(f"{args.file}: {line}")
     if args.recalibration_dir is not None:
-        for line in _feedback_risk_report(policy, args.recalibration_dir):
+        from proxy.feedback_risk import report
+        from proxy.recalibration_store import FileStore
+
+        for line in asyncio.run(report(policy, FileStore(args.recalibration_dir))):
             print(f"{args.file}: {line}")
     for warning in policy.warnings():
         print(f"{args.file}: warning: {warning}")
     return 0
-
-
-def _feedback_risk_report(policy: Policy, directory: Path) -> list[str]:
-    """For each ``target_error`` rule whose tenant has sent enough feedback (in the
-    recalibration directory): the threshold the proxy serves from it instead."""
-    from proxy.feedback_risk import choose_from_feedback
-    from proxy.online_recalibration import recalibration_model
-    from proxy.recalibration_store import FileStore
-
-    store = FileStore(directory)
-    lines = []
-    for tenant in (None, *policy.spec.tenants):
-        for model in policy.model_names:
-            rule = policy.rule(tenant, model)
-            settings = rule.recalibrate
-            if rule.risk is None or settings is None:
-                continue
-            name = recalibration_model(model, rule.granularity)
-            count = store.count(rule.tenant, name)
-            where = f"models.{model}" + (f" for tenant {tenant}" if tenant else "")
-            if count < settings.min_labels:
-                if count:
-                    lines.append(
-                        f"{where}: {count} feedback labels, fewer than recalibrate_min_labels "
-                        f"({settings.min_labels}): the threshold above stands"
-                    )
-                continue
-            labels = asyncio.run(store.labels(rule.tenant, name, limit=settings.window))
-            target = rule.risk
-            choice = choose_from_feedback(
-                labels,
-                float(target["target_error"]),
-                float(target["confidence"]),
-                rule.tenant,
-                name,
-            )
-            if choice.threshold is None:
-                lines.append(f"{where}: from feedback: {choice.reason}")
-            else:
-                assert choice.bound is not None
-                lines.append(
-                    f"{where}: from feedback: target_error {choice.target_error:g} at "
-                    f"{choice.confidence:.0%} -> threshold {choice.threshold:g} on the shipped "
-                    f"P(correct) (error bound {choice.bound:.3f}, answers "
-                    f"{choice.coverage:.1%} of {choice.labels} labelled answers)"
-                )
-    return sorted(set(lines))
 
 
 def cmd_recalibration_show(args: argparse.Namespace) -> int:

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 from proxy.confidence.recalibration import Recalibration
 from proxy.confidence.risk_control import RiskChoice, choose_threshold
-from proxy.policy.rules import Rule
+from proxy.online_recalibration import recalibration_model
+from proxy.policy.rules import Policy, Rule
 from proxy.recalibration_store import Label, RecalibrationStore
 
 log = logging.getLogger("abstain.recalibration")
@@ -146,6 +147,43 @@ def choose_from_feedback(
         target_confidence=confidence,
         source=f"feedback ({len(labels)} labels of tenant {tenant}, {model})",
     )
+
+
+async def report(policy: Policy, store: RecalibrationStore) -> list[str]:
+    """For each ``target_error`` rule whose tenant has stored enough feedback: the
+    threshold the proxy serves from it instead (``abstain check-policy
+    --recalibration-dir``), or how many labels there are when too few."""
+    lines = []
+    for tenant in (None, *policy.spec.tenants):
+        for model in policy.model_names:
+            rule = policy.rule(tenant, model)
+            settings = rule.recalibrate
+            if rule.risk is None or settings is None:
+                continue
+            name = recalibration_model(model, rule.granularity)
+            count = store.count(rule.tenant, name)
+            where = f"models.{model}" + (f" for tenant {tenant}" if tenant else "")
+            if count < settings.min_labels:
+                if count:
+                    lines.append(
+                        f"{where}: {count} feedback labels, fewer than recalibrate_min_labels "
+                        f"({settings.min_labels}): the threshold above stands"
+                    )
+                continue
+            labels = await store.labels(rule.tenant, name, limit=settings.window)
+            target = float(rule.risk["target_error"])
+            confidence = float(rule.risk["confidence"])
+            choice = choose_from_feedback(labels, target, confidence, rule.tenant, name)
+            if choice.threshold is None or choice.bound is None:
+                lines.append(f"{where}: from feedback: {choice.reason}")
+            else:
+                lines.append(
+                    f"{where}: from feedback: target_error {choice.target_error:g} at "
+                    f"{choice.confidence:.0%} -> threshold {choice.threshold:g} on the shipped "
+                    f"P(correct) (error bound {choice.bound:.3f}, answers "
+                    f"{choice.coverage:.1%} of {choice.labels} labelled answers)"
+                )
+    return sorted(set(lines))
 
 
 def _pending(key: _Key, count: int) -> RiskChoice:
