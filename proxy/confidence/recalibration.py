@@ -169,6 +169,58 @@ def _arrays(base: npt.ArrayLike, correct: npt.ArrayLike) -> tuple[Array, Array]:
     return p, y
 
 
+def posterior_mode(
+    A: npt.ArrayLike,
+    correct: npt.ArrayLike,
+    centre: npt.ArrayLike,
+    *,
+    prior_strength: float = DEFAULT_PRIOR,
+    iterations: int = 100,
+) -> Array:
+    """Weights ``w`` of ``P = sigmoid(A·w)``: the posterior mode under a Gaussian prior.
+
+    Damped Newton on ``Σ log loss + (λ/2)·‖w − centre‖²``, which is convex. The family of
+    a map is its design ``A`` (one row per label) and ``centre`` (the weights of the
+    identity): ``[logit p, 1]`` and ``(1, 0)`` for :func:`fit`; a benchmark compares
+    richer families through the same solver (``benchmarks/recalibration_families.py``).
+    """
+    X = np.asarray(A, dtype=np.float64)
+    y = np.asarray(correct, dtype=np.float64).ravel()
+    c = np.asarray(centre, dtype=np.float64).ravel()
+    if X.ndim != 2 or X.shape != (y.size, c.size):
+        raise ValueError("need one design row per label and one centre weight per column")
+    if prior_strength < 0:
+        raise ValueError("prior_strength must be non-negative")
+    lam = float(prior_strength)
+
+    def objective(b: Array) -> float:
+        z = X @ b
+        # Σ log(1 + e^z) − y·z, computed without overflow, plus the prior.
+        return float(np.sum(np.logaddexp(0.0, z) - y * z) + 0.5 * lam * np.sum((b - c) ** 2))
+
+    beta = c.copy()
+    value = objective(beta)
+    for _ in range(iterations):
+        q = _sigmoid(X @ beta)
+        grad = X.T @ (q - y) + lam * (beta - c)
+        hess = (X * (q * (1.0 - q))[:, None]).T @ X + (lam + 1e-9) * np.eye(beta.size)
+        step = np.linalg.solve(hess, grad)
+        # Damped Newton: halve the step until the objective does not increase.
+        t = 1.0
+        while t > 1e-8:
+            trial = beta - t * step
+            trial_value = objective(trial)
+            if trial_value <= value:
+                break
+            t *= 0.5
+        else:
+            break
+        beta, value = trial, trial_value
+        if np.max(np.abs(t * step)) < 1e-10:
+            break
+    return beta
+
+
 def fit(
     base: npt.ArrayLike,
     correct: npt.ArrayLike,
@@ -178,7 +230,7 @@ def fit(
 ) -> tuple[float, float]:
     """(slope, intercept): the posterior mode of the recalibration, slope ≥ 0.
 
-    Newton's method on ``Σ log loss + (λ/2)·((slope − 1)² + intercept²)``; the objective
+    :func:`posterior_mode` over ``[logit p, 1]``, centred on the identity; the objective
     is convex, so when the unconstrained optimum has a negative slope the constrained one
     lies on slope = 0, where only the intercept is fitted. No labels: the identity.
     """
@@ -188,51 +240,17 @@ def fit(
     if p.size == 0:
         return 1.0, 0.0
     x = _logit(p)
-    lam = float(prior_strength)
-    centre = np.array([1.0, 0.0])
-
-    def solve(free: Array, start: Array) -> Array:
-        A = np.stack([x, np.ones_like(x)], axis=1)[:, free]
-        c = centre[free]
-        beta = start[free].copy()
-        fixed = np.zeros_like(x)
-        if not free[0]:
-            fixed = start[0] * x
-
-        def objective(b: Array) -> float:
-            z = A @ b + fixed
-            # Σ log(1 + e^z) − y·z, computed without overflow, plus the prior.
-            nll = np.sum(np.logaddexp(0.0, z) - y * z)
-            return float(nll + 0.5 * lam * np.sum((b - c) ** 2))
-
-        value = objective(beta)
-        for _ in range(iterations):
-            q = _sigmoid(A @ beta + fixed)
-            grad = A.T @ (q - y) + lam * (beta - c)
-            w = q * (1.0 - q)
-            hess = (A * w[:, None]).T @ A + (lam + 1e-9) * np.eye(beta.size)
-            step = np.linalg.solve(hess, grad)
-            # Damped Newton: halve the step until the objective does not increase.
-            t = 1.0
-            while t > 1e-8:
-                trial = beta - t * step
-                trial_value = objective(trial)
-                if trial_value <= value:
-                    break
-                t *= 0.5
-            else:
-                break
-            beta, value = trial, trial_value
-            if np.max(np.abs(t * step)) < 1e-10:
-                break
-        out = start.copy()
-        out[free] = beta
-        return out
-
-    beta = solve(np.array([True, True]), centre.copy())
-    if beta[0] < 0:
-        beta = solve(np.array([False, True]), np.array([0.0, 0.0]))
-    return float(beta[0]), float(beta[1])
+    ones = np.ones_like(x)
+    slope, intercept = posterior_mode(
+        np.stack([x, ones], axis=1), y, (1.0, 0.0),
+        prior_strength=prior_strength, iterations=iterations,
+    )  # fmt: skip
+    if slope < 0:
+        (intercept,) = posterior_mode(
+            ones[:, None], y, (0.0,), prior_strength=prior_strength, iterations=iterations
+        )
+        slope = 0.0
+    return float(slope), float(intercept)
 
 
 def _losses(p: Array, y: Array) -> Array:

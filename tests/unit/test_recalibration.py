@@ -17,6 +17,7 @@ from proxy.confidence.recalibration import (
     compose,
     fit,
     log_loss,
+    posterior_mode,
     refit,
 )
 from proxy.evidence import CallEvidence, ChoiceEvidence
@@ -65,6 +66,25 @@ def test_recovers_a_known_distortion() -> None:
     assert intercept == pytest.approx(-0.8, abs=0.1)
     r = Recalibration(slope, intercept)
     assert np.max(np.abs(r.apply(p) - truth)) < 0.04
+
+
+def test_posterior_mode_recovers_weights_and_keeps_the_centre_under_a_strong_prior() -> None:
+    # A three-column family (beta calibration's ln p, −ln(1 − p), 1), as the families
+    # benchmark fits it: many labels give the true weights, a huge prior the centre.
+    rng = np.random.default_rng(3)
+    p = rng.uniform(0.02, 0.98, 20000)
+    A = np.stack([np.log(p), -np.log1p(-p), np.ones_like(p)], axis=1)
+    truth = np.array([0.7, 1.6, -0.4])
+    y = (rng.uniform(size=p.size) < 1.0 / (1.0 + np.exp(-(A @ truth)))).astype(float)
+    centre = (1.0, 1.0, 0.0)
+    assert posterior_mode(A, y, centre, prior_strength=0.0) == pytest.approx(truth, abs=0.08)
+    assert posterior_mode(A, y, centre, prior_strength=1e9) == pytest.approx(centre, abs=1e-3)
+    # fit() is this solver on [logit p, 1]: the same weights.
+    x = _logit(p)
+    both = posterior_mode(np.stack([x, np.ones_like(x)], axis=1), y, (1.0, 0.0))
+    assert fit(p, y) == pytest.approx(tuple(both), abs=1e-9)
+    with pytest.raises(ValueError, match="one centre weight per column"):
+        posterior_mode(A, y, (1.0, 0.0))
 
 
 def test_monotone_and_bounded_even_on_labels_that_reverse_the_ranking() -> None:
