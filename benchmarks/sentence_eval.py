@@ -127,6 +127,29 @@ def _bootstrap(
     return float(lo), float(hi)
 
 
+def right_model_ece(dev: Labelled, test: Labelled, draws: int = 200) -> tuple[np.ndarray, int]:
+    """What held-out ECE a model family that is exactly right would show on these sentences.
+
+    The labels are drawn from the shipped logistic's own P(correct), on dev and on test,
+    so the family is right by construction. The logistic is refitted on dev's drawn
+    labels, and the ECE is read against test's. Returns every draw's ECE and the number of
+    dev sentences fitted on. The draws are independent given P; real sentences of one
+    answer are not, which would only widen the spread.
+    """
+    names = SENTENCE_LOGISTIC_FEATURES
+    (Xd, kd), (Xt, kt) = _rows(dev, names), _rows(test, names)
+    Xd, Xt = Xd[kd], Xt[kt]
+    truth = fitting.fit_logistic(Xd, dev.correct[kd], names)
+    pd, pt = fitting.predict(truth, names, Xd), fitting.predict(truth, names, Xt)
+    rng = np.random.default_rng(0)
+    eces = []
+    for _ in range(draws):
+        yd, yt = rng.random(pd.size) < pd, rng.random(pt.size) < pt
+        refit = fitting.fit_logistic(Xd, yd, names)
+        eces.append(selective.ece(fitting.predict(refit, names, Xt), yt, BINS))
+    return np.array(eces), int(pd.size)
+
+
 def _variant_table(
     dev_q: Sequence[datasets.Question],
     dev_g: Sequence[runner.Generation],
@@ -241,7 +264,8 @@ def main() -> int:
     every = fit_method(
         dev, "logprobs", kinds=(*fitting.KINDS, "logistic"), base_inputs=SENTENCE_LOGISTIC_FEATURES
     )
-    _, test_stats = claims.label_all(test_q, test_g, GRADER, TEMPLATE, MODEL)
+    test, test_stats = claims.label(test_q, test_g, GRADER, TEMPLATE, MODEL)
+    right_eces, right_n = right_model_ece(dev, test)
     cal = load_calibration(SHIPPED)
 
     report, arrays, proxied = claims_eval.evaluate(
@@ -297,6 +321,10 @@ def main() -> int:
         f"bootstrap over questions; {n_right} right × {n_wrong} wrong sentences)",
         f"- ECE {ece:.3f} over {BINS} equal-mass bins (CI {ece_ci[0]:.3f}–{ece_ci[1]:.3f}; "
         f"a perfectly calibrated model would show {floor:.3f} on these {len(p)} sentences)",
+        f"- a logistic model exactly right for these sentences (labels drawn from its own P), "
+        f"fitted on {right_n} dev sentences: held-out ECE {np.mean(right_eces):.3f} on "
+        f"average, ≤ 0.05 in {np.mean(right_eces <= 0.05):.0%} of {right_eces.size} draws, "
+        f"≥ the {ece:.3f} measured in {np.mean(right_eces >= ece):.0%}",
         f"- Brier {brier:.3f}",
         f"- t = 0.5: right sentences kept {_pct(kept)} of {n_right} (CI {_pct(kept_ci[0])}–"
         f"{_pct(kept_ci[1])}); wrong sentences withheld {_pct(held)} of {n_wrong} "
