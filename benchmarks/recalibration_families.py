@@ -53,10 +53,9 @@ import numpy as np
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import calibration_eval, recalibration_eval, shift_eval
-from proxy import local_model
+from benchmarks import recalibration_eval, shift_eval
 from proxy.confidence import fitting, recalibration, selective
-from proxy.evaluation import datasets
+from proxy.evaluation.calibrate import Labelled
 
 RESULTS = shift_eval.RESULTS
 BINS = shift_eval.BINS
@@ -165,7 +164,9 @@ def shipped_rule(p: np.ndarray, y: np.ndarray, seeds: int, prior: float) -> dict
     return out
 
 
-def run(fit: Any, judged: Mapping[str, Any], seeds: int, prior: float) -> list[dict[str, Any]]:
+def run(
+    fit: Labelled, judged: Mapping[str, Labelled], seeds: int, prior: float
+) -> list[dict[str, Any]]:
     X_fit, y_fit = shift_eval._matrix(fit)
     X_fit = shift_eval._columns(X_fit, INPUTS)
     model = fitting.fit_logistic(X_fit, y_fit, INPUTS)
@@ -219,12 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prior", type=float, default=recalibration.DEFAULT_PRIOR)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    with local_model.serving(args.model_url) as url:
-        fit = calibration_eval._asked(datasets.resolve(shift_eval.FIT_SET), url)
-        judged = {
-            label: calibration_eval._asked(datasets.resolve(name), url, template)
-            for name, template, label in shift_eval.JUDGED
-        }
+    fit, judged = shift_eval.ask_sets(args.model_url)
     rows = run(fit, judged, args.seeds, args.prior)
     lines = report(rows, args.seeds, args.prior)
     print("\n".join(lines))

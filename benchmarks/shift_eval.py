@@ -517,6 +517,17 @@ def report(
     ]
 
 
+def ask_sets(model_url: str | None) -> tuple[Labelled, dict[str, Labelled]]:
+    """(the fit set, every judged set by label): the model's answers, through the cache."""
+    with local_model.serving(model_url) as url:
+        fit = calibration_eval._asked(datasets.resolve(FIT_SET), url)
+        judged = {
+            label: calibration_eval._asked(datasets.resolve(name), url, template)
+            for name, template, label in JUDGED
+        }
+    return fit, judged
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-url", help="a running reference model (default: start one)")
@@ -529,12 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    with local_model.serving(args.model_url) as url:
-        fit = calibration_eval._asked(datasets.resolve(FIT_SET), url)
-        judged = {
-            label: calibration_eval._asked(datasets.resolve(name), url, template)
-            for name, template, label in JUDGED
-        }
+    fit, judged = ask_sets(args.model_url)
     rule = dataclasses.replace(recalibration_eval.RULE, prior_strength=args.prior)
     rows = run(fit, judged, args.seeds, rule)
     lines = report(rows, args.seeds, fit, rule)
