@@ -19,6 +19,12 @@ and 549 reference answers), so an alert threshold means the same thing for every
 and the window forgets a past shift exactly N answers later. PSI is exported only once
 the window holds ``min_answers`` answers; below that a few odd answers would read as drift.
 
+**Acting on it** (a rule's ``drift_psi``): :meth:`DriftMonitor.drifted` says whether the
+window's largest PSI is at least that level, once the window holds ``act_answers``
+answers (200: on windows of 100, in-domain traffic of the reference model read above
+0.25 one time in nine; on 200, never in 300 windows; docs/calibration.md). The pipeline
+then judges the call at the rule's ``ood_threshold``.
+
 When a policy reload changes a tenant's calibration (another reference), its window starts
 over. Answers judged without the calibration (uncalibrated rules, the logprob fallback of
 a sampled rule) are not counted: they are not what the reference describes.
@@ -42,13 +48,15 @@ from proxy.verdict import Verdict
 DEFAULT_WINDOW = 500
 #: Answers the window must hold before PSI is exported.
 DEFAULT_MIN_ANSWERS = 100
+#: Answers the window must hold before a rule's ``drift_psi`` acts on its PSI.
+DEFAULT_ACT_ANSWERS = 200
 _EMPTY = 255  # ring slot with no value for this input (missing score, or not yet filled)
 
 
 class _Window:
     """The last ``size`` answers of one (tenant, model), as bin indexes per input."""
 
-    __slots__ = ("answers", "counts", "names", "pos", "reference", "refs", "rings", "size")
+    __slots__ = ("answers", "counts", "names", "pos", "reference", "refs", "rings", "size", "top")
 
     def __init__(self, reference: Reference, size: int) -> None:
         self.reference = reference
@@ -61,6 +69,8 @@ class _Window:
         self.counts = [[0] * r.bins for r in self.refs]
         self.pos = 0
         self.answers = 0
+        #: (input, PSI) of the largest PSI at the last answer; None before min_answers
+        self.top: tuple[str, float] | None = None
 
     def add(self, scores: Mapping[str, float]) -> None:
         pos = self.pos
@@ -101,6 +111,25 @@ class DriftReading:
         return max(self.psi.values()) if self.psi else None
 
 
+@dataclass(frozen=True, slots=True)
+class TrafficDrift:
+    """A (tenant, model) whose recent traffic has moved away from the calibration's data."""
+
+    input: str
+    psi: float
+    answers: int
+    level: float
+
+    def to_dict(self) -> dict[str, object]:
+        """What the verdict's ``traffic_drift`` shows."""
+        return {
+            "input": self.input,
+            "psi": round(self.psi, 3),
+            "answers": self.answers,
+            "drift_psi": self.level,
+        }
+
+
 class DriftMonitor:
     """Windows of recent answers per (tenant, model), exported as drift gauges."""
 
@@ -110,12 +139,18 @@ class DriftMonitor:
         *,
         window: int = DEFAULT_WINDOW,
         min_answers: int = DEFAULT_MIN_ANSWERS,
+        act_answers: int | None = None,
     ) -> None:
         if window < 1 or not 1 <= min_answers <= window:
             raise ValueError("need window >= 1 and 1 <= min_answers <= window")
+        if act_answers is None:  # the default, within what a smaller window allows
+            act_answers = min(max(DEFAULT_ACT_ANSWERS, min_answers), window)
+        if not min_answers <= act_answers <= window:
+            raise ValueError("need min_answers <= act_answers <= window")
         self.metrics = metrics
         self.window = window
         self.min_answers = min_answers
+        self.act_answers = act_answers
         self._windows: dict[tuple[str, str], _Window] = {}
 
     def observe(
@@ -143,7 +178,9 @@ class DriftMonitor:
             win = self._windows[key] = _Window(reference, self.window)
         for scores in inputs:
             win.add(scores)
-        self._export(tenant, model, win)
+        values = win.psi(self.min_answers)
+        win.top = max(values.items(), key=lambda kv: kv[1]) if values else None
+        self._export(tenant, model, win, values)
 
     def reading(self, tenant: str, model: str) -> DriftReading | None:
         """The window's answer count and PSI per input, or None before any answer."""
@@ -152,12 +189,20 @@ class DriftMonitor:
             return None
         return DriftReading(win.answers, win.psi(self.min_answers))
 
-    def _export(self, tenant: str, model: str, win: _Window) -> None:
+    def drifted(self, tenant: str, model: str, level: float) -> TrafficDrift | None:
+        """The window's largest PSI when it is at least ``level`` and rests on at least
+        ``act_answers`` answers; None otherwise. O(1): read from the last answer's PSI."""
+        win = self._windows.get((tenant, model))
+        if win is None or win.top is None or win.answers < self.act_answers:
+            return None
+        name, value = win.top
+        return TrafficDrift(name, value, win.answers, level) if value >= level else None
+
+    def _export(self, tenant: str, model: str, win: _Window, values: Mapping[str, float]) -> None:
         m = self.metrics
         if m is None:
             return
         m.input_drift_window.labels(tenant, model).set(win.answers)
-        values = win.psi(self.min_answers)
         for name, value in values.items():
             m.input_drift_psi.labels(tenant, model, name).set(value)
         if values:

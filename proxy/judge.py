@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from typing import Any
 
 from proxy.confidence.features import uncalibrated
 from proxy.confidence.recalibration import Recalibration
@@ -68,6 +69,26 @@ def _ood_rule(rule: Rule, outside: list[str] | None) -> Rule:
     if outside and t is not None and t > rule.threshold:
         return dataclasses.replace(rule, threshold=t)
     return rule
+
+
+def drifted_rule(rule: Rule, drift: Mapping[str, Any]) -> Rule:
+    """``rule`` for a call made while the tenant's traffic reads drifted (``drift_psi``):
+    judged at its ``ood_threshold`` when that is stricter, and carrying the reading."""
+    t = rule.ood_threshold
+    threshold = t if t is not None and t > rule.threshold else rule.threshold
+    return dataclasses.replace(rule, threshold=threshold, traffic_drift=drift)
+
+
+def _drift_note(rule: Rule) -> str:
+    d = rule.traffic_drift or {}
+    note = (
+        f"the traffic has drifted from the calibration's data (PSI {d.get('psi')} on "
+        f"{d.get('input')} over the last {d.get('answers')} answers, drift_psi "
+        f"{d.get('drift_psi')})"
+    )
+    if rule.ood_threshold is not None and rule.threshold == rule.ood_threshold:
+        return f"{note}; judged at ood_threshold {rule.threshold}"
+    return note
 
 
 def verdict_on(
@@ -291,6 +312,10 @@ def judge_choice(
     if rule.risk is not None:
         # The threshold came from a target error: say what it rests on.
         verdict.risk = rule.risk
+    if rule.traffic_drift is not None:
+        verdict.traffic_drift = rule.traffic_drift
+        note = _drift_note(rule)
+        verdict.reason = f"{verdict.reason}; {note}" if verdict.reason else note
     return verdict
 
 

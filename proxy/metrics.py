@@ -277,6 +277,12 @@ class Metrics:
             ["tenant", "model"],
             registry=r,
         )
+        self.drifted_answers = Counter(
+            "abstain_drifted_answers",
+            "Answers judged while the tenant's traffic read drifted (a rule's drift_psi).",
+            ["tenant", "model"],
+            registry=r,
+        )
         # Recalibration (issue 12.2)
         self.recalibration_info = Gauge(
             "abstain_recalibration_info",

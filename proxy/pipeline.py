@@ -31,7 +31,7 @@ from proxy.confidence.recalibration import Recalibration
 from proxy.errors import UpstreamError
 from proxy.evidence import CallEvidence, from_response
 from proxy.feedback_risk import FeedbackRisk
-from proxy.judge import judge_call, shown_answer, skip_reason
+from proxy.judge import drifted_rule, judge_call, shown_answer, skip_reason
 from proxy.online_recalibration import OnlineRecalibration, recalibration_model
 from proxy.protocol import Kind, choices_of, upstream_body
 from proxy.recording import Recorder
@@ -141,14 +141,23 @@ class Pipeline:
         return self.recalibration.current(call.tenant, name)
 
     def _learnt(self, call: Call) -> None:
-        """What the tenant's feedback changes for this call, fixed when it starts: the map
-        that judges it and, for a ``target_error`` rule, the threshold."""
+        """What the tenant's feedback and traffic change for this call, fixed when it
+        starts: the map that judges it, for a ``target_error`` rule the threshold, and for
+        a ``drift_psi`` rule whether the traffic has drifted."""
         call.recalibration = self.recalibration_for(call)
+        shipped = call.rule
         if self.feedback_risk is not None and call.rule.risk is not None:
             name = recalibration_model(call.route.model, call.rule.granularity)
             call.rule = self.feedback_risk.rule_for(
                 call.rule, call.tenant, name, call.recalibration
             )
+        level = call.rule.drift_psi
+        # Drift says the shipped calibration no longer describes the traffic. Once a map
+        # or a threshold learnt from the tenant's own labels answers, those labels decide.
+        if level is not None and call.recalibration is None and call.rule is shipped:
+            drift = self.recorder.drift.drifted(call.tenant, call.route.model, level)
+            if drift is not None:
+                call.rule = drifted_rule(call.rule, drift.to_dict())
 
     def _upstream_request(self, call: Call) -> tuple[Upstream, dict[str, Any]]:
         upstream = self.upstreams.get(call.route.upstream)

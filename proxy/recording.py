@@ -50,6 +50,8 @@ class Recorder:
             if v.sentences is not None:
                 self._sentences(call, v)
             self.drift.observe(tenant, model, call.rule.calibration, v)
+            if v.traffic_drift is not None:
+                m.drifted_answers.labels(tenant, model).inc()
             if v.confidence is None:
                 continue
             m.confidence.labels(tenant, model, calibrated).observe(v.confidence)

@@ -85,6 +85,9 @@ class Verdict:
     #: for a rule with ``target_error``: how its threshold was chosen (the bound, the
     #: coverage it buys, how many labels it rests on)
     risk: Mapping[str, Any] | None = None
+    #: the tenant's recent traffic had drifted from the calibration's data when this
+    #: answer was judged (``drift_psi``): which input, its PSI, over how many answers
+    traffic_drift: Mapping[str, Any] | None = None
     #: granularity sentence: every part's verdict, in order (None: judged as a whole)
     sentences: list[SentenceVerdict] | None = None
     #: ``streaming: sentence`` with ``stop_on_withheld``: the answer ends at its first
@@ -127,6 +130,8 @@ class Verdict:
             out["calibration_source"] = self.calibration_source
         if self.risk is not None:
             out["risk"] = dict(self.risk)
+        if self.traffic_drift is not None:
+            out["traffic_drift"] = dict(self.traffic_drift)
         if self.sentences is not None:
             out["sentences"] = [s.to_dict() for s in self.sentences]
         if self.generation_stopped is not None:

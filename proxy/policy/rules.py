@@ -80,6 +80,11 @@ class Rule:
     sampling: SamplingRule | None = None
     #: the stricter threshold for answers outside the calibration's reference (issue 12.1)
     ood_threshold: float | None = None
+    #: the PSI at which the tenant's traffic as a whole is judged at ``ood_threshold``
+    drift_psi: float | None = None
+    #: set per call while the traffic reads drifted (proxy.drift_monitor.TrafficDrift),
+    #: as the verdict shows it; None otherwise
+    traffic_drift: Mapping[str, Any] | None = None
     # Limits, enforced by proxy.limits; None means unlimited.
     max_n: int = 16
     max_upstream_calls: int = 64
@@ -300,6 +305,7 @@ class Policy:
             else None,
             sampling=sampling,
             ood_threshold=merged["ood_threshold"],
+            drift_psi=merged["drift_psi"],
             max_n=merged["max_n"],
             max_upstream_calls=merged["max_upstream_calls"],
             # 0 in the file lifts a limit an outer layer set: unlimited.
@@ -331,6 +337,19 @@ def calibration_mismatches(rule: Rule) -> list[str]:
             f"tokens); with method {rule.method} answers are judged as a whole"
         )
     cal = rule.calibration
+    # Without a calibration there is nothing to drift from (a tenant-wide drift_psi spans
+    # uncalibrated models too): only a calibration lacking a reference is worth a word.
+    if rule.drift_psi is not None and cal is not None:
+        if cal.reference is None:
+            problems.append(
+                "drift_psi needs a calibration with a reference distribution: "
+                "this one records none, so the traffic's drift is not measured"
+            )
+        elif rule.ood_threshold is None or rule.ood_threshold <= rule.threshold:
+            problems.append(
+                "drift_psi has no effect on decisions: ood_threshold is not above threshold "
+                "(drifted traffic is only marked in the verdict)"
+            )
     if cal is None:
         return problems
     fitted_unit = cal.fitted_on.get("granularity", "answer")

@@ -164,6 +164,10 @@ class RuleFields(_Strict):
     #: the threshold for an answer whose inputs lie outside what the calibration was
     #: fitted on (``out_of_distribution``); never below ``threshold``. Unset: the same t
     ood_threshold: float | None = Field(None, ge=0.0, lt=1.0)
+    #: judge every answer at ``ood_threshold`` while the tenant's recent traffic reads a
+    #: PSI at least this high against the calibration's reference (proxy.drift_monitor),
+    #: until a map or a threshold learnt from the tenant's feedback answers for it
+    drift_psi: float | None = Field(None, gt=0.0, le=100.0)
 
     # Limits (proxy.limits). Per request: the client's n, and the upstream calls one
     # request makes (the answer, fanned out when the upstream ignores n, plus samples).
@@ -232,6 +236,7 @@ class Defaults(RuleFields):
     show: Literal["requested", "majority"] | None = "requested"
     on_sampling_error: SamplingFallback | None = "fallback"
     ood_threshold: float | None = Field(None, ge=0.0, lt=1.0)
+    drift_psi: float | None = Field(None, gt=0.0, le=100.0)
     max_n: int | None = Field(16, ge=1, le=128)
     max_upstream_calls: int | None = Field(64, ge=1, le=1024)
 

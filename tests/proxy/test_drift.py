@@ -1,5 +1,6 @@
 """Through the proxy: shifted scores raise the exported PSI, mark the verdict
-``out_of_distribution``, and ``ood_threshold`` makes the decision stricter."""
+``out_of_distribution``, and ``ood_threshold`` makes the decision stricter, per answer and,
+with ``drift_psi``, for traffic that has drifted as a whole."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from starlette.testclient import TestClient
 from proxy.app import create_app
 from proxy.confidence import drift
 from proxy.confidence.calibration import Calibration, Platt
+from proxy.confidence.recalibration import Recalibration
 from proxy.settings import Settings
 from tests.conftest import KEYS, auth, sha
 from tests.fakes import completion
@@ -32,6 +34,12 @@ upstreams:
 models:
   plain: {{upstream: fake, calibration: cal.json}}
   strict: {{upstream: fake, calibration: cal.json, ood_threshold: 0.95}}
+  watched:
+    upstream: fake
+    calibration: cal.json
+    ood_threshold: 0.8
+    drift_psi: 0.25
+    recalibrate: true
 defaults:
   threshold: 0.5
   score: min_logprob
@@ -140,3 +148,43 @@ def test_ood_threshold_makes_the_decision_stricter_out_of_distribution(
     verdict = ask(client, "strict")
     assert verdict["out_of_distribution"] is False
     assert verdict["threshold"] == 0.5 and verdict["decision"] == "answer"
+
+
+def test_drift_psi_judges_drifted_traffic_at_ood_threshold_until_feedback_answers_for_it(
+    client: TestClient, upstream: Upstream
+) -> None:
+    # In-domain traffic, 300 answers: the window never reads drifted.
+    for lp in IN_DOMAIN * 3:
+        upstream.logprob = lp
+        verdict = ask(client, "watched")
+        assert "traffic_drift" not in verdict and verdict["threshold"] == 0.5
+    # Then every answer at -0.6: inside the fitted range (no answer is out of
+    # distribution), but all of them in its top decile, where P = 0.69.
+    upstream.logprob = -0.6
+    seen = []
+    for _ in range(300):
+        verdict = ask(client, "watched")
+        assert verdict["out_of_distribution"] is False
+        assert verdict["confidence"] == pytest.approx(0.69, abs=0.01)
+        seen.append(verdict)
+    drifted = [v for v in seen if "traffic_drift" in v]
+    assert drifted, "the window never read drifted"
+    first = seen.index(drifted[0])
+    # Before: judged at the rule's threshold and answered; after: at ood_threshold.
+    assert all(v["decision"] == "answer" and v["threshold"] == 0.5 for v in seen[:first])
+    assert all("traffic_drift" in v for v in seen[first:])
+    last = seen[-1]
+    assert last["decision"] == "abstain" and last["threshold"] == 0.8
+    assert last["traffic_drift"]["input"] == "min_logprob"
+    assert last["traffic_drift"]["psi"] >= 0.25 and last["traffic_drift"]["answers"] == 500
+    assert "drifted" in last["reason"] and "ood_threshold 0.8" in last["reason"]
+    assert metric(client, "abstain_drifted_answers_total", model="watched") == 300 - first
+    # Other models of the tenant have their own windows: "plain" has seen nothing.
+    assert "traffic_drift" not in ask(client, "plain")
+
+    # A map learnt from the tenant's feedback now answers: its labels decide.
+    store = client.app.state.recalibration.store  # type: ignore[attr-defined]
+    assert client.portal.call(store.swap, "chat", "watched", Recalibration(1.0, 0.1, version=1))
+    verdict = ask(client, "watched")
+    assert "traffic_drift" not in verdict
+    assert verdict["threshold"] == 0.5 and verdict["calibration_source"] == "recalibrated:1"

@@ -240,3 +240,38 @@ def test_build_calibration_records_the_reference_of_the_fitted_answers() -> None
     assert cal.reference.inputs["min_logprob"].n == 200
     assert cal.reference.source.startswith("toy")
     assert Calibration.from_dict(cal.to_dict()).to_dict() == cal.to_dict()
+
+
+def test_drifted_acts_only_on_a_window_of_act_answers_at_or_above_the_level() -> None:
+    ref = drift.build_reference({"x": [i / 100 for i in range(100)]}, ["x"])
+    cal = _calibration(ref)
+    monitor = DriftMonitor(None, window=100, min_answers=20, act_answers=50)
+    assert monitor.drifted("t", "m", 0.25) is None  # nothing seen
+    for _ in range(49):  # all in the top decile: PSI far above 0.25 ...
+        monitor.observe("t", "m", cal, _verdict({"x": 0.995}))
+    reading = monitor.reading("t", "m")
+    assert reading is not None and reading.summary is not None and reading.summary > 1.0
+    assert monitor.drifted("t", "m", 0.25) is None  # ... but on 49 answers, not 50
+    monitor.observe("t", "m", cal, _verdict({"x": 0.995}))
+    got = monitor.drifted("t", "m", 0.25)
+    assert got is not None and got.input == "x" and got.answers == 50
+    assert got.psi == pytest.approx(reading.summary)
+    assert got.to_dict() == {
+        "input": "x",
+        "psi": round(got.psi, 3),
+        "answers": 50,
+        "drift_psi": 0.25,
+    }
+    assert monitor.drifted("t", "m", got.psi + 0.01) is None  # below a higher level
+    assert monitor.drifted("t", "other", 0.25) is None
+    # In-domain answers push the old ones out: the window is no longer drifted.
+    for i in range(100):
+        monitor.observe("t", "m", cal, _verdict({"x": i / 100}))
+    assert monitor.drifted("t", "m", 0.25) is None
+
+
+def test_act_answers_defaults_within_the_window_and_is_checked() -> None:
+    assert DriftMonitor(None).act_answers == 200
+    assert DriftMonitor(None, window=10, min_answers=1).act_answers == 10
+    with pytest.raises(ValueError, match="act_answers"):
+        DriftMonitor(None, window=100, min_answers=50, act_answers=20)

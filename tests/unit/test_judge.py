@@ -155,3 +155,28 @@ def test_completions_in_the_chat_shape_are_trimmed_to_the_clients_ask() -> None:
     logprobs = {"content": [{"token": "a", "logprob": 0.0, "top_logprobs": list(alts)}]}
     trim_top_logprobs(logprobs, 2)
     assert [a["token"] for a in logprobs["content"][0]["top_logprobs"]] == ["a", "b"]
+
+
+def test_a_drifted_call_is_judged_at_ood_threshold_and_says_why() -> None:
+    from proxy.judge import drifted_rule
+
+    drift = {"input": "min_logprob", "psi": 0.71, "answers": 500, "drift_psi": 0.25}
+    sure = CallEvidence([choice(math.log(0.7))])
+    base = rule(ood_threshold=0.8, drift_psi=0.25)
+    assert base.drift_psi == 0.25 and base.traffic_drift is None
+    plain = judge_call(sure, base)[0]
+    assert plain.decision == "answer" and plain.traffic_drift is None
+    drifted = judge_call(sure, drifted_rule(base, drift))[0]
+    assert drifted.decision == "hedge" and drifted.threshold == 0.8
+    assert drifted.traffic_drift == drift and drifted.to_dict()["traffic_drift"] == drift
+    assert drifted.reason == (
+        "the traffic has drifted from the calibration's data (PSI 0.71 on min_logprob over "
+        "the last 500 answers, drift_psi 0.25); judged at ood_threshold 0.8"
+    )
+    # An ood_threshold that is not stricter never lowers t: only the reading is shown.
+    lax = judge_call(sure, drifted_rule(rule(threshold=0.6, ood_threshold=0.55), drift))[0]
+    assert lax.threshold == 0.6 and lax.decision == "answer"
+    assert lax.reason is not None and "judged at" not in lax.reason
+    # An answer the rule does not judge carries no drift note.
+    tool = judge_call(CallEvidence([choice(-5.0, tool=True)]), drifted_rule(base, drift))[0]
+    assert tool.decision == "unjudged" and tool.traffic_drift is None

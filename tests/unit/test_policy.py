@@ -162,6 +162,31 @@ def test_calibration_mismatches_are_warned_about(tmp_path: Path) -> None:
     assert "embedding_threshold" not in warnings  # irrelevant to the exact matcher
 
 
+def test_drift_psi_without_a_reference_or_a_stricter_ood_threshold_is_warned_about(
+    tmp_path: Path,
+) -> None:
+    from proxy.confidence import drift
+    from proxy.confidence.calibration import Calibration, Platt
+
+    reference = drift.build_reference({"min_logprob": [-2.0, -1.0, -0.5]}, ["min_logprob"])
+    Calibration("min_logprob", Platt("min_logprob", 1.0, 0.0), reference=reference).save(
+        tmp_path / "lp.json"
+    )
+    _logistic_calibration(tmp_path / "bare.json", "logprobs", "min_logprob")  # no reference
+    routes = ("m: {upstream: up, calibration: bare.json, drift_psi: 0.25, ood_threshold: 0.9}\n"
+              "  other: {upstream: up, calibration: lp.json, drift_psi: 0.25}\n"
+              "  plain: {upstream: up, drift_psi: 0.25, ood_threshold: 0.9}")  # fmt: skip
+    text = BASE.replace(
+        "m: {upstream: up, threshold: 0.6}\n  other: {upstream: up, upstream_model: real-name}",
+        routes,
+    )
+    (tmp_path / "p.yaml").write_text(text)
+    warnings = "\n".join(load_policy(tmp_path / "p.yaml").warnings())
+    assert "models.m: drift_psi needs a calibration with a reference distribution" in warnings
+    assert "models.other: drift_psi has no effect on decisions: ood_threshold" in warnings
+    assert "models.plain" not in warnings  # no calibration: nothing to drift from
+
+
 def test_check_policy_prints_warnings_but_passes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
