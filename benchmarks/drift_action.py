@@ -32,7 +32,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import calibration_eval, shift_eval
-from proxy.confidence import selective
 from proxy.confidence.calibration import Calibration, load_calibration
 from proxy.drift_monitor import DriftMonitor
 from proxy.evaluation.calibrate import Labelled
@@ -76,17 +75,6 @@ def stream(
     return judged_at
 
 
-def _cell(answered: np.ndarray, y: np.ndarray, t: float) -> dict[str, Any]:
-    n_ans, wrong = int(answered.sum()), int((answered & (y == 0)).sum())
-    return {
-        "answered": n_ans,
-        "wrong": wrong,
-        "risk": wrong / n_ans if n_ans else None,
-        "coverage": n_ans / y.size,
-        "score": selective.penalised_score(answered, y, t),
-    }
-
-
 def run(judged: Mapping[str, Labelled], cal: Calibration, seeds: int) -> list[dict[str, Any]]:
     rows = []
     for label, data in judged.items():
@@ -98,8 +86,8 @@ def run(judged: Mapping[str, Labelled], cal: Calibration, seeds: int) -> list[di
             with_drift = np.concatenate([p > a for a in at])
             rows.append({
                 "set": label, "n": int(y.size), "t": t, "ood_threshold": ood,
-                "without": _cell(np.tile(p > t, seeds), ys, t),
-                "with": _cell(with_drift, ys, t),
+                "without": shift_eval.outcome(np.tile(p > t, seeds), ys, t),
+                "with": shift_eval.outcome(with_drift, ys, t),
                 "drifted_share": float(np.mean(np.concatenate(at) > t)),
             })  # fmt: skip
     return rows

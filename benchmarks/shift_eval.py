@@ -133,7 +133,11 @@ def _columns(X: np.ndarray, names: Sequence[str]) -> np.ndarray:
 
 
 def _at(p: np.ndarray, y: np.ndarray, t: float) -> dict[str, Any]:
-    answered = p > t
+    return outcome(p > t, y, t)
+
+
+def outcome(answered: np.ndarray, y: np.ndarray, t: float) -> dict[str, Any]:
+    """Wrong among answered, coverage and the score at t's price, of these decisions."""
     wrong = int((answered & (y == 0)).sum())
     n_ans = int(answered.sum())
     return {
