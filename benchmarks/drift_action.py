@@ -6,16 +6,20 @@ The judged sets of ``shift_eval.py`` (facts-extra through the shipped prompt, as
 requests, through another few-shot wording; NQ-open), scored by the shipped calibration
 ``policies/calibration/gemma-3-270m.json`` before any feedback label, are streamed in
 ``--seeds`` random orders through the proxy's own drift monitor
-(:class:`proxy.drift_monitor.DriftMonitor`: a window of the last 500 answers, acting from
-200 on). Each answer is judged as the pipeline judges it: at the rule's threshold t, or
-at its ``ood_threshold`` while :meth:`~proxy.drift_monitor.DriftMonitor.drifted` reads
-the window at ``drift_psi`` 0.25 or more, and then counted into the window.
+(:class:`proxy.drift_monitor.DriftMonitor`: a window of the last 500 answers; it may act
+from 30 on, when an input reads PSI ≥ ``drift_psi`` 0.25 and differs from the reference
+at ``--alpha``). Each answer is judged as the pipeline judges it: at the rule's
+threshold t, or at its ``ood_threshold`` while
+:meth:`~proxy.drift_monitor.DriftMonitor.drifted` says so, and then counted into the
+window.
 
-Per set and (t, ood_threshold): wrong among answered (answers), coverage and the score
-at t's price, without and with ``drift_psi``, pooled over the orders, and the share of
-answers judged drifted. The calibration's reference is its own 548 facts-dev answers, so
-facts-extra is an independent in-domain sample. Prints markdown and writes
-``benchmarks/results/drift_action.md``.
+Per set: in how many orders the window ever read drifted, the median answer of the first
+alarm, and the share of answers judged drifted; per (t, ood_threshold): wrong among
+answered (answers), coverage and the score at t's price, without and with
+``drift_psi``, pooled over the orders. The calibration's reference is its own 548
+facts-dev answers, so facts-extra is an independent in-domain sample: its alarms are
+false ones. Prints markdown; ``--out benchmarks/results/drift_action.md`` writes the
+shipped report (``--seeds 100`` for the false-alarm counts in ``proxy/drift_monitor.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ if __package__ in (None, ""):
 
 from benchmarks import calibration_eval, shift_eval
 from proxy.confidence.calibration import Calibration, load_calibration
-from proxy.drift_monitor import DriftMonitor
+from proxy.drift_monitor import DEFAULT_ALPHA, DriftMonitor
 from proxy.evaluation.calibrate import Labelled
 from proxy.verdict import Verdict
 
@@ -59,36 +63,47 @@ def stream(
     p: np.ndarray,
     cal: Calibration,
     order: np.ndarray,
-    t: float,
-    ood: float,
+    alpha: float = DEFAULT_ALPHA,
 ) -> np.ndarray:
-    """The threshold each answer is judged at, in ``order``, as the pipeline would."""
-    monitor = DriftMonitor(None)
-    judged_at = np.empty(p.size)
+    """Whether each answer, arriving in ``order``, finds the window drifted (and so is
+    judged at ``ood_threshold``), as the pipeline asks before judging it."""
+    monitor = DriftMonitor(None, alpha=alpha)
+    drifted = np.zeros(p.size, dtype=bool)
     for i in order:
-        drifted = monitor.drifted("tenant", "model", DRIFT_PSI) is not None
-        judged_at[i] = max(t, ood) if drifted else t
-        verdict = Verdict(decision="answer", confidence=float(p[i]), threshold=t, score=None,
+        drifted[i] = monitor.drifted("tenant", "model", DRIFT_PSI) is not None
+        verdict = Verdict(decision="answer", confidence=float(p[i]), threshold=0.5, score=None,
                           score_name="", method="logprobs", calibrated=True, tenant="tenant",
                           scores=scores[i])  # fmt: skip
         monitor.observe("tenant", "model", cal, verdict)
-    return judged_at
+    return drifted
 
 
-def run(judged: Mapping[str, Labelled], cal: Calibration, seeds: int) -> list[dict[str, Any]]:
+def run(
+    judged: Mapping[str, Labelled], cal: Calibration, seeds: int, alpha: float = DEFAULT_ALPHA
+) -> list[dict[str, Any]]:
     rows = []
     for label, data in judged.items():
         scores, p, y = _scores(data, cal)
+        orders = [np.random.default_rng(s).permutation(p.size) for s in range(seeds)]
+        drifted = [stream(scores, p, cal, order, alpha) for order in orders]
+        # When the first alarm came: its position in the order (None: never).
+        first = [
+            int(np.argmax(d[o])) if d.any() else None for d, o in zip(drifted, orders, strict=True)
+        ]
+        alarms = {
+            "orders": sum(f is not None for f in first),
+            "first_median": float(np.median([f for f in first if f is not None]))
+            if any(f is not None for f in first)
+            else None,
+            "share": float(np.mean(drifted)),
+        }
+        ys = np.tile(y, seeds)
         for t, ood in SETTINGS:
-            at = [stream(scores, p, cal, np.random.default_rng(s).permutation(p.size), t, ood)
-                  for s in range(seeds)]  # fmt: skip
-            ys = np.tile(y, seeds)
-            with_drift = np.concatenate([p > a for a in at])
+            with_drift = np.concatenate([p > np.where(d, max(t, ood), t) for d in drifted])
             rows.append({
-                "set": label, "n": int(y.size), "t": t, "ood_threshold": ood,
+                "set": label, "n": int(y.size), "t": t, "ood_threshold": ood, "alarms": alarms,
                 "without": shift_eval.outcome(np.tile(p > t, seeds), ys, t),
                 "with": shift_eval.outcome(with_drift, ys, t),
-                "drifted_share": float(np.mean(np.concatenate(at) > t)),
             })  # fmt: skip
     return rows
 
@@ -98,22 +113,23 @@ def _risk(c: Mapping[str, Any]) -> str:
     return f"{risk} ({c['answered']})"
 
 
-def report(rows: Sequence[Mapping[str, Any]], seeds: int) -> list[str]:
+def report(rows: Sequence[Mapping[str, Any]], seeds: int, alpha: float) -> list[str]:
     lines = [
-        f"drift_psi {DRIFT_PSI}, the shipped calibration, no feedback; {seeds} random orders "
-        "of each set, counts pooled (answers). Score at t's price (right +1, wrong "
-        "−t/(1−t)).",
+        f"drift_psi {DRIFT_PSI}, alpha {alpha:g}, the shipped calibration, no feedback; "
+        f"{seeds} random orders of each set, counts pooled (answers). Score at t's price "
+        "(right +1, wrong −t/(1−t)).",
         "",
-        "| judged on | n | t | ood_threshold | answers judged drifted | without drift_psi: "
-        "wrong among answered (answers) | coverage | score | with: wrong among answered "
-        "(answers) | coverage | score |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| judged on | n | orders with an alarm | first alarm, median answer | answers judged "
+        "drifted | t | ood_threshold | without drift_psi: wrong among answered (answers) "
+        "| coverage | score | with: wrong among answered (answers) | coverage | score |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        a, b = r["without"], r["with"]
+        a, b, al = r["without"], r["with"], r["alarms"]
+        first = "–" if al["first_median"] is None else f"{al['first_median']:.0f}"
         lines.append(
-            f"| {r['set']} | {r['n']} | {r['t']} | {r['ood_threshold']} | "
-            f"{r['drifted_share']:.1%} | {_risk(a)} | {a['coverage']:.1%} | "
+            f"| {r['set']} | {r['n']} | {al['orders']}/{seeds} | {first} | {al['share']:.1%} | "
+            f"{r['t']} | {r['ood_threshold']} | {_risk(a)} | {a['coverage']:.1%} | "
             f"{a['score']:+.3f} | {_risk(b)} | {b['coverage']:.1%} | {b['score']:+.3f} |"
         )
     return lines
@@ -123,15 +139,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model-url", help="a running reference model (default: start one)")
     parser.add_argument("--seeds", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=shift_eval.RESULTS)
+    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="%(default)s")
+    parser.add_argument("--out", type=Path, help="write the report here (default: print)")
     args = parser.parse_args(argv)
     _, judged = shift_eval.ask_sets(args.model_url)
     cal = load_calibration(calibration_eval.SHIPPED)
-    rows = run(judged, cal, args.seeds)
-    lines = report(rows, args.seeds)
+    rows = run(judged, cal, args.seeds, args.alpha)
+    lines = report(rows, args.seeds, args.alpha)
     print("\n".join(lines))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "drift_action.md").write_text("\n".join(lines) + "\n")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines) + "\n")
     return 0
 
 

@@ -19,11 +19,13 @@ and 549 reference answers), so an alert threshold means the same thing for every
 and the window forgets a past shift exactly N answers later. PSI is exported only once
 the window holds ``min_answers`` answers; below that a few odd answers would read as drift.
 
-**Acting on it** (a rule's ``drift_psi``): :meth:`DriftMonitor.drifted` says whether the
-window's largest PSI is at least that level, once the window holds ``act_answers``
-answers (200: on windows of 100, in-domain traffic of the reference model read above
-0.25 one time in nine; on 200, never in 300 windows; docs/calibration.md). The pipeline
-then judges the call at the rule's ``ood_threshold``.
+**Acting on it** (a rule's ``drift_psi``): :meth:`DriftMonitor.drifted` says whether an
+input of the window reads a PSI of at least that level *and* differs from the reference
+by more than the two samples' noise (:func:`proxy.confidence.drift.differs`, at
+``alpha`` = 10⁻⁵ over the inputs, Bonferroni), from ``act_answers`` = 30 answers on.
+PSI alone is no test on a small window: on windows of 100, in-domain answers of the
+reference model read above 0.25 one time in nine. The pipeline then judges the call at the rule's
+``ood_threshold`` (docs/calibration.md, "Acting on drift").
 
 When a policy reload changes a tenant's calibration (another reference), its window starts
 over. Answers judged without the calibration (uncalibrated rules, the logprob fallback of
@@ -40,7 +42,7 @@ from dataclasses import dataclass
 from prometheus_client import Gauge
 
 from proxy.confidence.calibration import Calibration
-from proxy.confidence.drift import InputReference, Reference, psi
+from proxy.confidence.drift import InputReference, Reference, differs, psi
 from proxy.metrics import Metrics
 from proxy.verdict import Verdict
 
@@ -48,15 +50,21 @@ from proxy.verdict import Verdict
 DEFAULT_WINDOW = 500
 #: Answers the window must hold before PSI is exported.
 DEFAULT_MIN_ANSWERS = 100
-#: Answers the window must hold before a rule's ``drift_psi`` acts on its PSI.
-DEFAULT_ACT_ANSWERS = 200
+#: Answers the window must hold before a rule's ``drift_psi`` may act.
+DEFAULT_ACT_ANSWERS = 30
+#: Significance at which the window must differ from the reference to act (over all of
+#: its inputs: each is tested at alpha / inputs). In-domain answers of the reference
+#: model, 100 random orders each of facts-extra and of its chat requests: 10⁻⁴ raised
+#: an alarm in one order of each, 10⁻⁵ in none (``benchmarks/drift_action.py --seeds
+#: 100 [--alpha 1e-4]``).
+DEFAULT_ALPHA = 1e-5
 _EMPTY = 255  # ring slot with no value for this input (missing score, or not yet filled)
 
 
 class _Window:
     """The last ``size`` answers of one (tenant, model), as bin indexes per input."""
 
-    __slots__ = ("answers", "counts", "names", "pos", "reference", "refs", "rings", "size", "top")
+    __slots__ = ("answers", "counts", "names", "pos", "reference", "refs", "rings", "size")
 
     def __init__(self, reference: Reference, size: int) -> None:
         self.reference = reference
@@ -69,8 +77,6 @@ class _Window:
         self.counts = [[0] * r.bins for r in self.refs]
         self.pos = 0
         self.answers = 0
-        #: (input, PSI) of the largest PSI at the last answer; None before min_answers
-        self.top: tuple[str, float] | None = None
 
     def add(self, scores: Mapping[str, float]) -> None:
         pos = self.pos
@@ -140,17 +146,19 @@ class DriftMonitor:
         window: int = DEFAULT_WINDOW,
         min_answers: int = DEFAULT_MIN_ANSWERS,
         act_answers: int | None = None,
+        alpha: float = DEFAULT_ALPHA,
     ) -> None:
         if window < 1 or not 1 <= min_answers <= window:
             raise ValueError("need window >= 1 and 1 <= min_answers <= window")
-        if act_answers is None:  # the default, within what a smaller window allows
-            act_answers = min(max(DEFAULT_ACT_ANSWERS, min_answers), window)
-        if not min_answers <= act_answers <= window:
-            raise ValueError("need min_answers <= act_answers <= window")
+        if act_answers is None:  # the default, within what a smaller window holds
+            act_answers = min(DEFAULT_ACT_ANSWERS, window)
+        if not 1 <= act_answers <= window or not 0.0 < alpha < 1.0:
+            raise ValueError("need 1 <= act_answers <= window and 0 < alpha < 1")
         self.metrics = metrics
         self.window = window
         self.min_answers = min_answers
         self.act_answers = act_answers
+        self.alpha = alpha
         self._windows: dict[tuple[str, str], _Window] = {}
 
     def observe(
@@ -178,9 +186,7 @@ class DriftMonitor:
             win = self._windows[key] = _Window(reference, self.window)
         for scores in inputs:
             win.add(scores)
-        values = win.psi(self.min_answers)
-        win.top = max(values.items(), key=lambda kv: kv[1]) if values else None
-        self._export(tenant, model, win, values)
+        self._export(tenant, model, win)
 
     def reading(self, tenant: str, model: str) -> DriftReading | None:
         """The window's answer count and PSI per input, or None before any answer."""
@@ -190,19 +196,30 @@ class DriftMonitor:
         return DriftReading(win.answers, win.psi(self.min_answers))
 
     def drifted(self, tenant: str, model: str, level: float) -> TrafficDrift | None:
-        """The window's largest PSI when it is at least ``level`` and rests on at least
-        ``act_answers`` answers; None otherwise. O(1): read from the last answer's PSI."""
+        """The input with the largest PSI among those at ``level`` or above whose counts
+        also differ significantly from the reference (``alpha``), over at least
+        ``act_answers`` answers; None when there is none. O(inputs × bins); called only
+        for rules that set ``drift_psi``."""
         win = self._windows.get((tenant, model))
-        if win is None or win.top is None or win.answers < self.act_answers:
+        if win is None or win.answers < self.act_answers:
             return None
-        name, value = win.top
-        return TrafficDrift(name, value, win.answers, level) if value >= level else None
+        best: tuple[str, float] | None = None
+        for name, ref, counts in zip(win.names, win.refs, win.counts, strict=True):
+            if sum(counts) < self.act_answers:
+                continue
+            value = psi(ref.shares, counts)
+            if value < level or (best is not None and value <= best[1]):
+                continue
+            if differs(ref, counts, self.alpha / len(win.refs)):
+                best = (name, value)
+        return None if best is None else TrafficDrift(best[0], best[1], win.answers, level)
 
-    def _export(self, tenant: str, model: str, win: _Window, values: Mapping[str, float]) -> None:
+    def _export(self, tenant: str, model: str, win: _Window) -> None:
         m = self.metrics
         if m is None:
             return
         m.input_drift_window.labels(tenant, model).set(win.answers)
+        values = win.psi(self.min_answers)
         for name, value in values.items():
             m.input_drift_psi.labels(tenant, model, name).set(value)
         if values:

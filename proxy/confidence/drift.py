@@ -7,7 +7,10 @@ the fitting answers, the share of those answers in each bin, and the range they 
 
 * :func:`psi` compares live counts per bin with the reference shares (population
   stability index, the symmetrised Kullback-Leibler divergence of the two histograms);
-* :meth:`Reference.outside` says whether one answer's inputs leave the fitted range.
+* :meth:`Reference.outside` says whether one answer's inputs leave the fitted range;
+* :func:`differs` says whether live counts differ from the reference by more than the
+  two samples' noise (a two-sample chi-square test), which PSI alone cannot say on a
+  small sample.
 
 Statistics worth knowing before reading a PSI. With ``k`` bins, a live sample of ``m``
 answers and a reference of ``n``, PSI between two samples *of the same distribution* is
@@ -244,3 +247,70 @@ def null_psi(bins: int, live: int, reference: int) -> float:
     if live <= 0:
         return float("inf")
     return (bins - 1) * (1.0 / live + (1.0 / reference if reference > 0 else 0.0))
+
+
+def chi_square(ref: InputReference, counts: Sequence[int]) -> float:
+    """Two-sample chi-square of live ``counts`` against the reference's shares.
+
+    ``Σ (a − e)² / e`` over the bins, live shares ``a`` and reference shares ``e``
+    (floored as in :func:`psi`), divided by ``1/m + 1/n``: each bin's difference has
+    variance about ``e·(1 − e)·(1/m + 1/n)`` when both samples come from one
+    distribution, so the sum is then about chi-square with ``bins − 1`` degrees of
+    freedom.
+    """
+    if len(counts) != ref.bins:
+        raise ValueError("chi_square needs one count per reference bin")
+    m = float(sum(counts))
+    if m <= 0 or ref.n <= 0:
+        return 0.0
+    total = sum(
+        (c / m - e) ** 2 / max(e, SHARE_FLOOR) for e, c in zip(ref.shares, counts, strict=True)
+    )
+    return total / (1.0 / m + 1.0 / ref.n)
+
+
+def chi_square_sf(x: float, dof: int) -> float:
+    """P(χ² > x) with ``dof`` degrees of freedom: the regularised upper incomplete gamma
+    function Q(dof/2, x/2), by its series below s + 1 and its continued fraction above
+    (both converge to double precision well within 200 terms for the dof a reference
+    has)."""
+    if dof < 1:
+        raise ValueError("need dof >= 1")
+    if x <= 0.0:
+        return 1.0
+    a, z = dof / 2.0, x / 2.0
+    log_front = a * math.log(z) - z - math.lgamma(a)
+    if z < a + 1.0:
+        # P(a, z) = z^a e^-z / Γ(a + 1) · Σ z^n / ((a + 1)…(a + n))
+        term = total = 1.0 / a
+        for n in range(1, 200):
+            term *= z / (a + n)
+            total += term
+            if term < total * 1e-16:
+                break
+        return max(0.0, 1.0 - math.exp(log_front) * total)
+    # Q(a, z) by the modified Lentz continued fraction.
+    tiny = 1e-300
+    b = z + 1.0 - a
+    c, d = 1.0 / tiny, 1.0 / b
+    h = d
+    for n in range(1, 200):
+        an = -n * (n - a)
+        b += 2.0
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1.0 / d
+        step = d * c
+        h *= step
+        if abs(step - 1.0) < 1e-16:
+            break
+    return min(1.0, math.exp(log_front) * h)
+
+
+def differs(ref: InputReference, counts: Sequence[int], alpha: float) -> bool:
+    """Whether the live counts differ from the reference at significance ``alpha``."""
+    if ref.bins < 2:
+        return False
+    return chi_square_sf(chi_square(ref, counts), ref.bins - 1) < alpha

@@ -242,24 +242,23 @@ def test_build_calibration_records_the_reference_of_the_fitted_answers() -> None
     assert Calibration.from_dict(cal.to_dict()).to_dict() == cal.to_dict()
 
 
-def test_drifted_acts_only_on_a_window_of_act_answers_at_or_above_the_level() -> None:
+def test_drifted_needs_act_answers_a_psi_at_the_level_and_a_significant_difference() -> None:
     ref = drift.build_reference({"x": [i / 100 for i in range(100)]}, ["x"])
     cal = _calibration(ref)
-    monitor = DriftMonitor(None, window=100, min_answers=20, act_answers=50)
+    monitor = DriftMonitor(None, window=100, min_answers=20, act_answers=30)
     assert monitor.drifted("t", "m", 0.25) is None  # nothing seen
-    for _ in range(49):  # all in the top decile: PSI far above 0.25 ...
+    for _ in range(29):  # all in the top decile: PSI far above 0.25 ...
         monitor.observe("t", "m", cal, _verdict({"x": 0.995}))
-    reading = monitor.reading("t", "m")
-    assert reading is not None and reading.summary is not None and reading.summary > 1.0
-    assert monitor.drifted("t", "m", 0.25) is None  # ... but on 49 answers, not 50
+    assert monitor.drifted("t", "m", 0.25) is None  # ... but on 29 answers, not 30
     monitor.observe("t", "m", cal, _verdict({"x": 0.995}))
     got = monitor.drifted("t", "m", 0.25)
-    assert got is not None and got.input == "x" and got.answers == 50
-    assert got.psi == pytest.approx(reading.summary)
+    counts = [0] * 9 + [30]
+    assert got is not None and got.input == "x" and got.answers == 30
+    assert got.psi == pytest.approx(drift.psi(ref.inputs["x"].shares, counts))
     assert got.to_dict() == {
         "input": "x",
         "psi": round(got.psi, 3),
-        "answers": 50,
+        "answers": 30,
         "drift_psi": 0.25,
     }
     assert monitor.drifted("t", "m", got.psi + 0.01) is None  # below a higher level
@@ -270,8 +269,52 @@ def test_drifted_acts_only_on_a_window_of_act_answers_at_or_above_the_level() ->
     assert monitor.drifted("t", "m", 0.25) is None
 
 
-def test_act_answers_defaults_within_the_window_and_is_checked() -> None:
-    assert DriftMonitor(None).act_answers == 200
+def test_a_large_psi_on_a_small_window_is_not_drift_unless_it_is_significant() -> None:
+    # 30 answers spread evenly except one empty decile: PSI counts the empty bin as a
+    # large shift (its share floored), the chi-square test sees sampling noise.
+    ref = drift.build_reference({"x": [i / 100 for i in range(100)]}, ["x"])
+    cal = _calibration(ref)
+    monitor = DriftMonitor(None, window=100, min_answers=20, act_answers=30)
+    values = [d / 10 + 0.05 for d in range(9) for _ in range(3)] + [0.05, 0.15, 0.25]
+    for v in values:
+        monitor.observe("t", "m", cal, _verdict({"x": v}))
+    counts = [ref.inputs["x"].bin_of(v) for v in values]
+    live = [counts.count(b) for b in range(10)]
+    assert live[9] == 0 and drift.psi(ref.inputs["x"].shares, live) > 0.25
+    assert not drift.differs(ref.inputs["x"], live, 1e-5)
+    assert monitor.drifted("t", "m", 0.25) is None
+
+
+def test_act_answers_and_alpha_are_checked() -> None:
+    assert DriftMonitor(None).act_answers == 30 and DriftMonitor(None).alpha == 1e-5
     assert DriftMonitor(None, window=10, min_answers=1).act_answers == 10
     with pytest.raises(ValueError, match="act_answers"):
-        DriftMonitor(None, window=100, min_answers=50, act_answers=20)
+        DriftMonitor(None, window=100, min_answers=50, act_answers=200)
+    with pytest.raises(ValueError, match="alpha"):
+        DriftMonitor(None, alpha=0.0)
+
+
+def test_chi_square_tail_matches_closed_forms_and_tables() -> None:
+    # Even degrees of freedom: Q = e^(-x/2) Σ_{i<k} (x/2)^i / i!, k = dof / 2.
+    for dof in (2, 4, 10):
+        for x in (0.5, 3.0, 18.0, 60.0):
+            k = dof // 2
+            exact = math.exp(-x / 2) * sum((x / 2) ** i / math.factorial(i) for i in range(k))
+            assert drift.chi_square_sf(x, dof) == pytest.approx(exact, rel=1e-9)
+    # Odd ones, from the printed tables: χ²(9) at 0.001 is 27.877, χ²(1) at 0.05 is 3.841.
+    assert drift.chi_square_sf(27.877, 9) == pytest.approx(0.001, rel=1e-3)
+    assert drift.chi_square_sf(3.841, 1) == pytest.approx(0.05, rel=1e-3)
+    assert drift.chi_square_sf(0.0, 3) == 1.0
+
+
+def test_chi_square_of_the_reference_s_own_shares_is_zero_and_grows_with_the_sample() -> None:
+    ref = drift.build_reference({"x": [i / 100 for i in range(100)]}, ["x"])
+    r = ref.inputs["x"]
+    assert drift.chi_square(r, [10] * 10) == pytest.approx(0.0, abs=1e-9)
+    shifted_small, shifted_large = [2] * 5 + [8] * 5, [20] * 5 + [80] * 5
+    # Σ (a − e)² / e = 10 · 0.06² / 0.1 = 0.36, over 1/m + 1/n with n = 100 reference
+    # answers: the same shares on ten times the answers give a larger statistic (capped
+    # by the reference's own noise), and the same PSI.
+    assert drift.chi_square(r, shifted_small) == pytest.approx(0.36 / (1 / 50 + 1 / 100))
+    assert drift.chi_square(r, shifted_large) == pytest.approx(0.36 / (1 / 500 + 1 / 100))
+    assert drift.psi(r.shares, shifted_large) == pytest.approx(drift.psi(r.shares, shifted_small))
