@@ -24,8 +24,8 @@ input of the window reads a PSI of at least that level *and* differs from the re
 by more than the two samples' noise (:func:`proxy.confidence.drift.differs`, at
 ``alpha`` = 10⁻⁵ over the inputs, Bonferroni), from ``act_answers`` = 30 answers on.
 PSI alone is no test on a small window: on windows of 100, in-domain answers of the
-reference model read above 0.25 one time in nine. The pipeline then judges the call at the rule's
-``ood_threshold`` (docs/calibration.md, "Acting on drift").
+reference model read above 0.25 one time in nine. The pipeline then judges the call at
+the rule's ``ood_threshold`` (docs/calibration.md, "Acting on drift").
 
 When a policy reload changes a tenant's calibration (another reference), its window starts
 over. Answers judged without the calibration (uncalibrated rules, the logprob fallback of

@@ -270,43 +270,25 @@ def chi_square(ref: InputReference, counts: Sequence[int]) -> float:
 
 
 def chi_square_sf(x: float, dof: int) -> float:
-    """P(χ² > x) with ``dof`` degrees of freedom: the regularised upper incomplete gamma
-    function Q(dof/2, x/2), by its series below s + 1 and its continued fraction above
-    (both converge to double precision well within 200 terms for the dof a reference
-    has)."""
+    """P(χ² > x) with ``dof`` degrees of freedom, exactly, by the finite sums that integer
+    degrees of freedom allow (z = x/2):
+
+    * even dof = 2k: ``e^(−z) · Σ_{i<k} z^i / i!``;
+    * odd dof = 2k + 1: ``erfc(√z) + e^(−z) · Σ_{i=1..k} z^(i−1/2) / Γ(i + 1/2)``.
+
+    Each term is computed in log space, so a huge statistic gives 0 rather than overflow.
+    """
     if dof < 1:
         raise ValueError("need dof >= 1")
     if x <= 0.0:
         return 1.0
-    a, z = dof / 2.0, x / 2.0
-    log_front = a * math.log(z) - z - math.lgamma(a)
-    if z < a + 1.0:
-        # P(a, z) = z^a e^-z / Γ(a + 1) · Σ z^n / ((a + 1)…(a + n))
-        term = total = 1.0 / a
-        for n in range(1, 200):
-            term *= z / (a + n)
-            total += term
-            if term < total * 1e-16:
-                break
-        return max(0.0, 1.0 - math.exp(log_front) * total)
-    # Q(a, z) by the modified Lentz continued fraction.
-    tiny = 1e-300
-    b = z + 1.0 - a
-    c, d = 1.0 / tiny, 1.0 / b
-    h = d
-    for n in range(1, 200):
-        an = -n * (n - a)
-        b += 2.0
-        d = an * d + b
-        d = tiny if abs(d) < tiny else d
-        c = b + an / c
-        c = tiny if abs(c) < tiny else c
-        d = 1.0 / d
-        step = d * c
-        h *= step
-        if abs(step - 1.0) < 1e-16:
-            break
-    return min(1.0, math.exp(log_front) * h)
+    z = x / 2.0
+    log_z = math.log(z)
+    k, odd = divmod(dof, 2)
+    if odd:
+        terms = (math.exp((i - 0.5) * log_z - z - math.lgamma(i + 0.5)) for i in range(1, k + 1))
+        return min(1.0, math.erfc(math.sqrt(z)) + sum(terms))
+    return min(1.0, sum(math.exp(i * log_z - z - math.lgamma(i + 1)) for i in range(k)))
 
 
 def differs(ref: InputReference, counts: Sequence[int], alpha: float) -> bool:
