@@ -16,10 +16,11 @@ model names percent-encoded (so a ``:`` in a name cannot make two keys meet):
 None has a TTL: under ``maxmemory-policy volatile-ttl`` they are never evicted, and their
 size is bounded by ``max_labels`` per tenant and model.
 
-**Swap** is one Lua script (:data:`SWAP`): it reads the stored version and writes the new
-map (and a new epoch) only if the new version is one past it, so of two pods refitting at
-once exactly one wins, and an older map never overwrites a newer one. The loser gets the
-winner's map in the same reply and serves it at once.
+**Swap** is one Lua script (``SWAP``, in
+:mod:`~proxy.shared_state.redis_recalibration_scripts`): it reads the stored version and
+writes the new map (and a new epoch) only if the new version is one past it, so of two
+pods refitting at once exactly one wins, and an older map never overwrites a newer one.
+The loser gets the winner's map in the same reply and serves it at once.
 
 **current() never waits on Redis**: it reads this process's copy of the maps. A
 background task polls the epoch every ``refresh_seconds`` (:data:`REFRESH_SECONDS`, 1 s:
@@ -57,7 +58,7 @@ at most once a minute by :class:`~proxy.shared_state.redis_state.RedisState`):
 
 A Redis that restarted empty has lost the labels (the count starts again) and the maps;
 each pod writes back the map it serves when Redis has none or an older one for that
-tenant and model (:data:`RESTORE`; the highest version wins), so the learnt maps survive
+tenant and model (``RESTORE``; the highest version wins), so the learnt maps survive
 a Redis without persistence as long as one pod runs. To drop a learnt map, set
 ``recalibrate: false`` for the model (the shipped calibration answers).
 """
@@ -77,6 +78,7 @@ import orjson
 from proxy.confidence.recalibration import Recalibration
 from proxy.recalibration_store import Label
 from proxy.shared_state.memory import SharedStateUnavailable
+from proxy.shared_state.redis_recalibration_scripts import RESTORE, SWAP
 from proxy.shared_state.redis_state import RedisState
 
 log = logging.getLogger("abstain.recalibration")
@@ -93,47 +95,6 @@ MAX_LABELS = 10_000
 SLOW_TIMEOUT = 2.0
 #: Seconds between two log lines about dropped labels.
 _LOG_INTERVAL = 60.0
-
-# The version in a stored map, 0 when there is none or it cannot be read.
-_VERSION_OF = """
-local function version_of(raw)
-  if not raw then return 0 end
-  local ok, data = pcall(cjson.decode, raw)
-  if ok and type(data) == 'table' and tonumber(data['version']) then
-    return tonumber(data['version'])
-  end
-  return 0
-end
-"""
-
-#: KEYS: maps, epoch. ARGV: field, new version, map JSON, new epoch token.
-#: Returns {1, ''} when swapped in, {0, stored map JSON or ''} when not.
-SWAP = (
-    _VERSION_OF
-    + """
-local stored = redis.call('HGET', KEYS[1], ARGV[1])
-if version_of(stored) + 1 ~= tonumber(ARGV[2]) then
-  return {0, stored or ''}
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-redis.call('SET', KEYS[2], ARGV[4])
-return {1, ''}
-"""
-)
-
-#: Write a map back (Redis lost it, or holds an older one). Same KEYS and ARGV as SWAP.
-#: Returns 1 when written, 0 when Redis already has this version or a newer one.
-RESTORE = (
-    _VERSION_OF
-    + """
-if version_of(redis.call('HGET', KEYS[1], ARGV[1])) >= tonumber(ARGV[2]) then
-  return 0
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-redis.call('SET', KEYS[2], ARGV[4])
-return 1
-"""
-)
 
 _Key = tuple[str, str]
 

@@ -26,7 +26,8 @@ from proxy.metrics import Metrics
 from proxy.policy.loading import parse_policy
 from proxy.recalibration_store import Label
 from proxy.shared_state.memory import SharedStateUnavailable
-from proxy.shared_state.redis_recalibration import RESTORE, RedisRecalibrationStore
+from proxy.shared_state.redis_recalibration import RedisRecalibrationStore
+from proxy.shared_state.redis_recalibration_scripts import RESTORE
 from proxy.shared_state.redis_state import RedisState
 from tests.deploy.redis_server import RedisServer, redis_server
 from tests.unit.test_feedback_risk import FROM_CALIBRATION, POLICY
